@@ -1,0 +1,231 @@
+"""One pure-functional Transformer for every family: `Transformer(cfg, head="lm" | "scalar")`.
+
+Parameters carry logical axis names (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`, plus
+`layers` for the scanned block stack); activations are pinned with `nn.with_logical_constraint`, so one
+rules table (lm.sharding) decides how everything is laid out on a mesh.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lm import kernels
+from lm.config import ModelConfig
+
+Cache = dict  # {"k": [L, B, S, Hkv, D], "v": [L, B, S, Hkv, D]}
+
+
+def _init(cfg: ModelConfig, names):
+    return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), names)
+
+
+def _zeros(names):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def _dense(cfg, features, names, bias, name, axis=-1):
+    """DenseGeneral whose kernel (and bias) carry logical axis names."""
+    n_in = 1 if isinstance(axis, int) else len(axis)
+    return nn.DenseGeneral(
+        features=features, axis=axis, use_bias=bias, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+        kernel_init=_init(cfg, names), bias_init=_zeros(names[n_in:]), name=name)
+
+
+def make_norm(cfg: ModelConfig, name: str):
+    """RMSNorm or LayerNorm computed in float32, with `embed`-named scale (and bias)."""
+    ones = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=cfg.params_dtype,
+                          scale_init=ones, name=name)
+    return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=cfg.params_dtype,
+                        scale_init=ones, bias_init=_zeros(("embed",)), name=name)
+
+
+def default_positions(cfg: ModelConfig, batch: int, length: int, offset=None, prefix_len=None):
+    """Positions of `length` tokens starting at `offset` ([B] or None): `[B, T]`, or `[B, T, 2]` for rope2d.
+
+    For GLM's 2D scheme (ChatGLM-6B), tokens inside the prefix get (i, 0); tokens after it, the generated
+    span, keep the position of the last prefix token and count 1, 2, ... in the second component.
+    """
+    idx = jnp.arange(length)[None, :] + (0 if offset is None else offset[:, None])
+    idx = jnp.broadcast_to(idx, (batch, length)).astype(jnp.int32)
+    if cfg.position != "rope2d":
+        return idx
+    if prefix_len is None:
+        return jnp.stack([idx, jnp.zeros_like(idx)], axis=-1)
+    p = prefix_len[:, None]
+    inside = idx < p
+    return jnp.stack([jnp.where(inside, idx, p - 1), jnp.where(inside, 0, idx - p + 1)], axis=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with GQA, RoPE/ALiBi, prefix-LM and packed-sequence masks, and a KV cache."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, ctx, layer_cache: Optional[Cache]):
+        cfg = self.cfg
+        hq, hkv, d = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
+        q = _dense(cfg, (hq, d), ("embed", "heads", "head_dim"), cfg.qkv_bias, "q")(x)
+        k = _dense(cfg, (hkv, d), ("embed", "kv_heads", "head_dim"), cfg.qkv_bias, "k")(x)
+        v = _dense(cfg, (hkv, d), ("embed", "kv_heads", "head_dim"), cfg.qkv_bias, "v")(x)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
+        v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
+        if cfg.position in ("rope", "rope2d"):
+            rope = dict(impl=cfg.attention_impl, theta=cfg.rope_theta, rotary_dim=cfg.rotary_dim,
+                        interleaved=cfg.rope_interleaved)
+            q = kernels.rope(q, ctx["positions"], **rope)
+            k = kernels.rope(k, ctx["positions"], **rope)
+        slopes = kernels.alibi_slopes(hq) if cfg.position == "alibi" else None
+        causal_kw = dict(impl=cfg.attention_impl, alibi_slopes=slopes)
+
+        new_cache = None
+        if layer_cache is not None and ctx["decode_index"] is not None:
+            # Decode: one token per row, written at that row's own position.
+            idx = ctx["decode_index"]
+            put = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice_in_dim(c, new, i, axis=0))
+            new_cache = {"k": put(layer_cache["k"], k.astype(layer_cache["k"].dtype), idx),
+                         "v": put(layer_cache["v"], v.astype(layer_cache["v"].dtype), idx)}
+            out = kernels.decode_attention(q[:, 0], new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype),
+                                           idx + 1, **causal_kw)[:, None]
+        else:
+            if layer_cache is not None:  # prefill: the prompt's keys/values fill the start of the cache
+                new_cache = {n: jax.lax.dynamic_update_slice_in_dim(layer_cache[n], t.astype(layer_cache[n].dtype),
+                                                                    0, axis=1)
+                             for n, t in (("k", k), ("v", v))}
+            out = kernels.flash_attention(q, k, v, causal=True, prefix_len=ctx["prefix_len"],
+                                          segment_ids=ctx["segment_ids"], **causal_kw)
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+        out = _dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), cfg.out_bias, "o", axis=(-2, -1))(out)
+        return out, new_cache
+
+
+class MLP(nn.Module):
+    """SwiGLU / GeGLU (gated) or plain GELU feed-forward."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        if cfg.mlp == "swiglu":
+            act = nn.silu
+        else:
+            act = lambda h: nn.gelu(h, approximate=cfg.gelu_approximate)  # noqa: E731
+        h = _dense(cfg, cfg.d_ff, ("embed", "mlp"), cfg.mlp_bias, "wi")(x)
+        if cfg.mlp in ("swiglu", "geglu"):
+            gate = _dense(cfg, cfg.d_ff, ("embed", "mlp"), cfg.mlp_bias, "wg")(x)
+            h = act(gate) * h
+        else:
+            h = act(h)
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+        return _dense(cfg, cfg.d_model, ("mlp", "embed"), cfg.mlp_bias, "wo")(h)
+
+
+class Block(nn.Module):
+    """Attention + MLP sub-layers with pre-norm or DeepNorm residuals; scanned over layers."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, layer_cache, ctx):
+        cfg = self.cfg
+        h = make_norm(cfg, "attn_norm")(x).astype(cfg.compute_dtype)
+        attn, new_cache = Attention(cfg, name="attn")(h, ctx, layer_cache)
+        x = (h * cfg.alpha if cfg.residual == "deepnorm" else x) + attn
+        h = make_norm(cfg, "mlp_norm")(x).astype(cfg.compute_dtype)
+        x = (h * cfg.alpha if cfg.residual == "deepnorm" else x) + MLP(cfg, name="mlp")(h)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return x, new_cache
+
+
+_REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
+
+
+class Transformer(nn.Module):
+    """Decoder LM. `head="lm"` gives logits `[B, T, vocab]`; `head="scalar"` one value per position `[B, T]`.
+
+    Call: `Transformer(cfg).apply({"params": params}, tokens)` with optional
+      positions: int32 `[B, T]` (`[B, T, 2]` for rope2d); default from `default_positions`.
+      prefix_len: int32 `[B]`, GLM prefix-LM (bidirectional prefix); required shape for mask="prefix".
+      segment_ids: int32 `[B, T]`, packed sequences; attention never crosses segments.
+      cache: a KV cache from `init_cache`; then the call returns `(outputs, new_cache)`. Without
+        decode_index it is a prefill (tokens written from position 0); with decode_index (`[B]`) the single
+        token of each row is written at, and attends up to, that row's position.
+      return_hidden: also return the final normalised hidden states `[B, T, d_model]`.
+    """
+    cfg: ModelConfig
+    head: str = "lm"
+
+    @nn.compact
+    def __call__(self, tokens, *, positions=None, prefix_len=None, segment_ids=None, cache: Optional[Cache] = None,
+                 decode_index=None, return_hidden: bool = False) -> Any:
+        cfg = self.cfg
+        if self.head not in ("lm", "scalar"):
+            raise ValueError(f"Transformer head must be 'lm' or 'scalar', got {self.head!r}")
+        b, t = tokens.shape
+        if cfg.mask == "causal":
+            prefix_len = None
+        if positions is None:
+            positions = default_positions(cfg, b, t, decode_index, prefix_len)
+
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                         embedding_init=_init(cfg, ("vocab", "embed")), name="embed")
+        x = embed(tokens)
+        if cfg.embed_grad_scale != 1.0:
+            a = cfg.embed_grad_scale
+            x = x * a + jax.lax.stop_gradient(x) * (1.0 - a)
+        if cfg.position == "learned":
+            pos_table = self.param("pos_embed", _init(cfg, ("length", "embed")), (cfg.max_len, cfg.d_model),
+                                   cfg.params_dtype)
+            x = x + jnp.take(pos_table, positions, axis=0).astype(cfg.compute_dtype)
+        if cfg.embed_norm:
+            x = make_norm(cfg, "embed_norm")(x)
+        x = nn.with_logical_constraint(x.astype(cfg.compute_dtype), ("batch", "length", "embed"))
+
+        ctx = {"positions": positions, "prefix_len": prefix_len, "segment_ids": segment_ids,
+               "decode_index": decode_index}
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
+        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(0, nn.broadcast), length=cfg.n_layers,
+                         metadata_params={nn.PARTITION_NAME: "layers"})
+        x, new_cache = layers(cfg, name="layers")(x, cache, ctx)
+        x = make_norm(cfg, "final_norm")(x)
+
+        if self.head == "scalar":
+            out = _dense(cfg, 1, ("embed", None), True, "score")(x.astype(cfg.compute_dtype))[..., 0]
+            out = out.astype(jnp.float32)
+        elif cfg.tie_embeddings:
+            out = embed.attend(x.astype(cfg.compute_dtype)).astype(jnp.float32)
+        else:
+            out = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), False, "lm_head")(x.astype(cfg.compute_dtype))
+            out = out.astype(jnp.float32)
+        if self.head == "lm":
+            out = nn.with_logical_constraint(out, ("batch", "length", "vocab"))
+        if return_hidden:
+            out = (out, x)
+        return (out, new_cache) if cache is not None else out
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: Optional[int] = None, dtype=None) -> Cache:
+    """Zeroed KV cache `{"k", "v"}: [n_layers, B, max_len, n_kv_heads, head_dim]`."""
+    shape = (cfg.n_layers, batch, max_len or cfg.max_len, cfg.kv_heads, cfg.dim_per_head)
+    dtype = dtype or cfg.compute_dtype
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def init_params(cfg: ModelConfig, rng, head: str = "lm", batch: int = 1, length: int = 8):
+    """Randomly initialised, unboxed parameters of `Transformer(cfg, head)`."""
+    tokens = jnp.zeros((batch, length), jnp.int32)
+    variables = Transformer(cfg, head=head).init(rng, tokens, prefix_len=jnp.zeros((batch,), jnp.int32))
+    return nn.unbox(variables["params"])
+
+
+def count_params(cfg: ModelConfig, head: str = "lm") -> int:
+    """Number of parameters, computed with `jax.eval_shape` (nothing is allocated)."""
+    shapes = jax.eval_shape(lambda r: init_params(cfg, r, head), jax.random.key(0))
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(shapes))

@@ -1,0 +1,41 @@
+"""Installable package for the `lm` and `rl` libraries (experiments and configs run from the repo root)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="chatgpt-jax",
+    version="0.1.0",
+    description="Pretraining, SFT, reward modelling and RLHF (PPO, DPO) for decoder LMs in JAX/Flax.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lm", "lm.*", "rl", "rl.*"]),
+    install_requires=[
+        "jax>=0.6.2,<0.11",
+        "jaxlib>=0.6.2,<0.11",
+        "flax>=0.10.6,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11.0,<0.13",
+        "chex>=0.1.88",
+        "ml_collections>=0.1.1,<2",
+        "absl-py>=2.0",
+        "sentencepiece>=0.2.0,<0.3",
+        "tensorflow-datasets>=4.9.6,<5",
+        "array_record>=0.5.0",
+        "grain>=0.2.2,<0.3",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "numpy>=1.26",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "hypothesis>=6.100",
+            "torch==2.13.0",
+            "transformers>=4.57,<6",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
+        ],
+    },
+)
