@@ -1,0 +1,118 @@
+"""Reward model: InstructGPT's K-wise ranking loss, scoring with the scalar head, init from SFT, normalisation.
+
+A reward model is `lm.Transformer(cfg, head="scalar")`; the score of a response is the head's value at its
+last non-pad token. Preference batches hold K responses per prompt: `tokens [B, K, T]`, `ranks [B, K]`
+(0 = best, equal ranks = tie, -1 = absent response) and `last_index [B, K]`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm.config import ModelConfig
+from lm.model import Transformer, init_params
+
+
+def ranking_loss(scores, ranks):
+    """InstructGPT's ranking loss over all C(K, 2) pairs of each prompt; returns `(loss, metrics)`.
+
+    scores: float `[B, K]`; ranks: int `[B, K]` (0 = best, equal = tie, -1 = absent). Every untied pair of
+    present responses enters `-log sigmoid(r_w - r_l)`; a prompt's loss is the mean over its untied pairs and
+    the batch loss the mean over prompts that have at least one, so each prompt weighs the same (InstructGPT
+    treats a prompt's comparisons as one batch element). Metrics, pooled over all pairs of the batch:
+    `accuracy` (fraction with r_w > r_l), `margin` (mean r_w - r_l) and `pairs` (their number).
+    """
+    if scores.ndim != 2 or scores.shape != ranks.shape:
+        raise ValueError(f"rl.reward.ranking_loss: scores {tuple(scores.shape)} and ranks {tuple(ranks.shape)} "
+                         "must both be [B, K]")
+    if not jnp.issubdtype(ranks.dtype, jnp.integer):
+        raise ValueError(f"rl.reward.ranking_loss: ranks must be integers, got {ranks.dtype}")
+    scores = scores.astype(jnp.float32)
+    present = ranks >= 0
+    # pair (i, j) counts when both are present and i is strictly better (lower rank) than j.
+    better = (ranks[:, :, None] < ranks[:, None, :]) & present[:, :, None] & present[:, None, :]
+    pair = better.astype(jnp.float32)  # [B, K, K]
+    diff = scores[:, :, None] - scores[:, None, :]  # r_i - r_j
+    n_pairs = pair.sum((1, 2))  # [B]
+    prompt_loss = (-jax.nn.log_sigmoid(diff) * pair).sum((1, 2)) / jnp.maximum(n_pairs, 1.0)
+    has_pairs = (n_pairs > 0).astype(jnp.float32)
+    loss = (prompt_loss * has_pairs).sum() / jnp.maximum(has_pairs.sum(), 1.0)
+    total = jnp.maximum(pair.sum(), 1.0)
+    metrics = {"accuracy": ((diff > 0) * pair).sum() / total, "margin": (diff * pair).sum() / total,
+               "pairs": pair.sum()}
+    return loss, metrics
+
+
+def score_responses(cfg: ModelConfig, params, tokens, last_index, prefix_len=None):
+    """Scores `[B, K]` of K responses per prompt, all in one forward pass of the scalar-head model.
+
+    tokens: int `[B, K, T]` (prompt + response, right-padded); last_index: int `[B, K]`, position of each
+    response's last non-pad token; prefix_len: optional int `[B, K]` for prefix-LM models (GLM).
+    """
+    if tokens.ndim != 3 or last_index.shape != tokens.shape[:2]:
+        raise ValueError(f"rl.reward.score_responses: tokens {tuple(tokens.shape)} must be [B, K, T] and "
+                         f"last_index {tuple(last_index.shape)} [B, K]")
+    b, k, t = tokens.shape
+    flat_prefix = None if prefix_len is None else prefix_len.reshape(b * k)
+    values = Transformer(cfg, head="scalar").apply({"params": params}, tokens.reshape(b * k, t),
+                                                   prefix_len=flat_prefix)  # [B*K, T]
+    idx = last_index.reshape(b * k, 1).astype(jnp.int32)
+    return jnp.take_along_axis(values, idx, axis=1).reshape(b, k)
+
+
+def reward_loss_fn(cfg: ModelConfig):
+    """`loss_fn(params, batch, rng) -> (loss, metrics)` for the generic train step on preference batches.
+
+    batch: `tokens [B, K, T]`, `ranks [B, K]`, `last_index [B, K]`, optional `prefix_len [B, K]`.
+    """
+    def loss_fn(params, batch, rng):
+        del rng
+        scores = score_responses(cfg, params, batch["tokens"], batch["last_index"], batch.get("prefix_len"))
+        loss, metrics = ranking_loss(scores, batch["ranks"])
+        present = batch["ranks"] >= 0
+        metrics["score_mean"] = (scores * present).sum() / jnp.maximum(present.sum(), 1)
+        return loss, metrics
+    return loss_fn
+
+
+def init_from_sft(cfg: ModelConfig, sft_params, rng, head_init: str = "normal"):
+    """Scalar-head parameters whose trunk is a copy of `sft_params` and whose `score` head is new.
+
+    head_init: "normal" (the model's initialiser, for a reward model) or "zeros" (a critic that starts at 0).
+    The language-model head (`lm_head`) is dropped.
+    """
+    if head_init not in ("normal", "zeros"):
+        raise ValueError(f"rl.reward.init_from_sft: head_init must be 'normal' or 'zeros', got {head_init!r}")
+    fresh = jax.eval_shape(lambda r: init_params(cfg, r, head="scalar"), rng)
+    trunk = {k: v for k, v in sft_params.items() if k != "lm_head"}
+    missing = sorted(set(fresh) - set(trunk) - {"score"})
+    if missing:
+        raise ValueError(f"rl.reward.init_from_sft: SFT params lack {missing} needed by the reward model of {cfg}")
+    d = fresh["score"]["kernel"].shape[0]
+    kernel = cfg.init_std * jax.random.normal(rng, (d, 1), cfg.params_dtype)
+    if head_init == "zeros":
+        kernel = jnp.zeros_like(kernel)
+    trunk = jax.tree_util.tree_map(jnp.array, trunk)  # copy: the SFT params stay untouched (and donatable)
+    return {**trunk, "score": {"kernel": kernel, "bias": jnp.zeros((1,), cfg.params_dtype)}}
+
+
+def normalize_head(params, mean, std, eps: float = 1e-6):
+    """Fold a bias and gain into the score head so that scores become `(s - mean) / std`.
+
+    With `mean`/`std` measured on the SFT policy's responses, the normalised model scores them with mean 0
+    and standard deviation 1 (as InstructGPT does before RL). The head stays linear, so no extra op is needed.
+    """
+    gain = 1.0 / (jnp.asarray(std, jnp.float32) + eps)
+    score = params["score"]
+    new = {"kernel": (score["kernel"] * gain).astype(score["kernel"].dtype),
+           "bias": ((score["bias"] - mean) * gain).astype(score["bias"].dtype)}
+    return {**params, "score": new}
+
+
+def score_stats(scores, ranks=None):
+    """Mean and standard deviation of scores `[B, K]` (of present responses when `ranks` is given)."""
+    scores = np.asarray(scores, np.float64)
+    if ranks is not None:
+        scores = scores[np.asarray(ranks) >= 0]
+    return float(scores.mean()), float(scores.std())
