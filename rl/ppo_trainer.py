@@ -1,0 +1,389 @@
+"""The stateful side of PPO: four models under one mesh, jitted rollout and learning steps, skip-on-NaN.
+
+Actor (policy, from SFT) and critic (scalar head, from the reward model or zero-init) are trained together
+in one `PPOState` with one optimiser, on `policy_loss + vf_coef * value_loss - ent_coef * entropy
++ ptx_coef * lm_loss` (TRL's combined objective, plus InstructGPT's PPO-ptx term). The reference (SFT) and
+the reward model are frozen inputs. One iteration is two jitted calls with no host round trip between them:
+`rollout` (the KV-cache sampler from lm.generate) and `learn` (scoring, rewards, GAE, then several epochs of
+shuffled mini-batch updates as nested `lax.scan`s).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lm import sharding
+from lm.config import ModelConfig
+from lm.generate import SampleOutput, sample
+from lm.losses import lm_loss, model_kwargs
+from lm.model import Transformer
+from rl import ppo
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PPOConfig:
+    """PPO recipe. Defaults follow TRL's PPOTrainer unless noted; configs/ppo.py documents the field's origins.
+
+    Attributes:
+      response_length: tokens sampled per prompt (TRL 53).
+      temperature: sampling temperature; log-probs are recomputed at the same temperature (TRL 0.7).
+      kl_coef: initial coefficient beta of the per-token KL penalty (TRL 0.05, InstructGPT 0.02).
+      kl_estimator: "k1" (log-ratio; TRL default) or "k3" (non-negative, unbiased), or "k2".
+      adaptive_kl: Ziegler et al.'s proportional controller instead of a fixed beta (TRL: fixed).
+      kl_target: target per-sequence KL of the adaptive controller (Ziegler et al. 6).
+      kl_horizon: horizon of the adaptive controller, in sequences (Ziegler et al. 10000).
+      gamma: discount (TRL 1.0). lam: GAE lambda (TRL 0.95).
+      clip: policy ratio clip epsilon (TRL 0.2). value_clip: value clip range (TRL 0.2).
+      vf_coef: weight of the value loss (TRL 0.1). ent_coef: entropy bonus (TRL none: 0.0).
+      epochs: PPO epochs over each rollout batch (TRL 4; DeepSpeed-Chat 1).
+      mini_batches: mini-batches per epoch (TRL 1).
+      whiten_advantages: normalise advantages over the batch (TRL yes; DeepSpeed-Chat no).
+      whiten_rewards: normalise per-token rewards before GAE (TRL no).
+      missing_eos_penalty: subtracted from the score of a response without EOS (TRL None: 0.0 disables).
+      score_clip: clip reward-model scores to +-score_clip (DeepSpeed-Chat 5.0; 0 disables).
+      ptx_coef: weight of the pretraining loss mixed into the update, PPO-ptx (InstructGPT 27.8; 0 = plain PPO).
+      max_bad_iterations: stop after this many iterations in a row with a skipped (non-finite) update.
+    """
+
+    response_length: int = 53
+    temperature: float = 0.7
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"
+    adaptive_kl: bool = False
+    kl_target: float = 6.0
+    kl_horizon: float = 10000.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    ent_coef: float = 0.0
+    epochs: int = 4
+    mini_batches: int = 1
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False
+    missing_eos_penalty: float = 0.0
+    score_clip: float = 0.0
+    ptx_coef: float = 0.0
+    max_bad_iterations: int = 3
+
+    def __post_init__(self):
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            raise ValueError(f"PPOConfig.kl_estimator={self.kl_estimator!r} must be 'k1', 'k2' or 'k3'")
+        for name in ("response_length", "epochs", "mini_batches", "max_bad_iterations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"PPOConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"PPOConfig.temperature must be > 0 (PPO samples), got {self.temperature}")
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any]) -> "PPOConfig":
+        """From a config section; unknown keys are an error that names them."""
+        d = dict(d)
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"ppo config has unknown field(s) {sorted(unknown)}")
+        return cls(**d)
+
+
+@flax.struct.dataclass
+class PPOState:
+    """Trainable PPO state; all leaves are arrays so it checkpoints as one pytree.
+
+    step: PPO iterations done. params: `{"actor": lm params, "critic": scalar-head params}`.
+    opt_state: optax state over params. kl_coef: current KL coefficient. rng: PRNG key.
+    skipped: mini-batch updates skipped for non-finite loss/gradients. bad_streak: iterations in a row
+    that had a skipped update or non-finite rewards.
+    """
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    kl_coef: jax.Array
+    rng: jax.Array
+    skipped: jax.Array
+    bad_streak: jax.Array
+
+
+class NonFiniteError(RuntimeError):
+    """Raised when too many PPO iterations in a row produced non-finite losses or rewards."""
+
+
+def _boxed_params(cfg: ModelConfig, rng):
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    kw = dict(prefix_len=jnp.zeros((1,), jnp.int32))
+    a, c = jax.random.split(rng)
+    return {"actor": Transformer(cfg).init(a, tokens, **kw)["params"],
+            "critic": Transformer(cfg, head="scalar").init(c, tokens, **kw)["params"]}
+
+
+def _state(params, tx, kl_coef, rng):
+    zero = jnp.zeros((), jnp.int32)
+    return PPOState(step=zero, params=params, opt_state=tx.init(params), kl_coef=jnp.float32(kl_coef), rng=rng,
+                    skipped=zero, bad_streak=zero)
+
+
+def state_shardings(cfg: ModelConfig, tx, mesh: Mesh, rules=sharding.RULES):
+    """`(abstract_state, state_shardings, frozen_shardings)`; frozen = `{"ref": ..., "reward": ...}`.
+
+    Everything comes from `jax.eval_shape` of the boxed init (nothing is allocated), so this also serves to
+    lower the real-size steps abstractly.
+    """
+    boxed = jax.eval_shape(lambda r: _state(_boxed_params(cfg, r), tx, 0.0, r), jax.random.key(0))
+    shardings = sharding.tree_shardings(boxed, mesh, rules)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed),
+                            shardings)
+    frozen = {"ref": shardings.params["actor"], "reward": shardings.params["critic"]}
+    return abstract, shardings, frozen
+
+
+def init_state(actor_params, critic_params, tx, kl_coef: float, rng, shardings) -> PPOState:
+    """A PPO state from existing actor (SFT) and critic (reward model or zero-head) params, laid out sharded."""
+    build = jax.jit(lambda a, c, r: _state({"actor": a, "critic": c}, tx, kl_coef, r), out_shardings=shardings)
+    with jax.set_mesh(shardings.kl_coef.mesh):
+        return build(actor_params, critic_params, rng)
+
+
+def assemble(prompt_tokens, prompt_lengths, out: SampleOutput, pad_id: int):
+    """Join right-padded prompts and their samples into contiguous rows.
+
+    Returns `(tokens [B, P + N], resp_index [B, N])`: row b is its prompt's `prompt_lengths[b]` tokens, the
+    response, then `pad_id`; `resp_index[b, i] = prompt_lengths[b] - 1 + i` is the position whose output
+    predicts response token i (and where the critic's value for that step is read).
+    """
+    b, p = prompt_tokens.shape
+    n = out.tokens.shape[1]
+    pos = jnp.arange(p + n)[None, :]
+    lengths = prompt_lengths[:, None].astype(jnp.int32)
+    from_prompt = jnp.take_along_axis(prompt_tokens, jnp.minimum(pos, p - 1).repeat(b, 0), axis=1)
+    rel = pos - lengths
+    from_resp = jnp.take_along_axis(out.tokens, jnp.clip(rel, 0, n - 1), axis=1)
+    in_resp = (rel >= 0) & (rel < n)
+    tokens = jnp.where(pos < lengths, from_prompt, jnp.where(in_resp, from_resp, pad_id)).astype(jnp.int32)
+    return tokens, lengths - 1 + jnp.arange(n)[None, :]
+
+
+def _gather(x, index):
+    """x `[B, T, ...]` at positions index `[B, N]` -> `[B, N, ...]`."""
+    idx = index.reshape(index.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx, axis=1)
+
+
+def _policy_outputs(cfg: ModelConfig, params, tokens, resp_index, resp_tokens, prefix_len, temperature):
+    """Log-probs `[B, N]` of the response tokens at `temperature` and the logits `[B, N, V]` they come from."""
+    logits = Transformer(cfg).apply({"params": params}, tokens, prefix_len=prefix_len)
+    logits = _gather(logits, resp_index).astype(jnp.float32) / temperature
+    return ppo.token_logprobs(logits, resp_tokens), logits
+
+
+def _values(cfg: ModelConfig, params, tokens, index, prefix_len):
+    values = Transformer(cfg, head="scalar").apply({"params": params}, tokens, prefix_len=prefix_len)
+    return _gather(values, index)
+
+
+def make_experience(cfg: ModelConfig, hp: PPOConfig, params, frozen, prompt_tokens, prompt_lengths,
+                    out: SampleOutput, kl_coef, *, eos_id: Optional[int], pad_id: int):
+    """Score a rollout: old log-probs, reference log-probs, values, reward-model scores, rewards, GAE.
+
+    Returns a dict of `[B, ...]` arrays for the update, and rollout metrics (scalars).
+    """
+    tokens, resp_index = assemble(prompt_tokens, prompt_lengths, out, pad_id)
+    mask = out.mask
+    prefix_len = prompt_lengths.astype(jnp.int32)
+    old_logp, _ = _policy_outputs(cfg, params["actor"], tokens, resp_index, out.tokens, prefix_len,
+                                  hp.temperature)
+    ref_logp, _ = _policy_outputs(cfg, frozen["ref"], tokens, resp_index, out.tokens, prefix_len, hp.temperature)
+    values = _values(cfg, params["critic"], tokens, resp_index, prefix_len) * mask
+    last = prefix_len + ppo.last_token_index(mask)
+    scores = _values(cfg, frozen["reward"], tokens, last[:, None], prefix_len)[:, 0]
+    if hp.score_clip > 0:
+        scores = jnp.clip(scores, -hp.score_clip, hp.score_clip)
+    has_eos = (jnp.any((out.tokens == eos_id) & (mask > 0), axis=1) if eos_id is not None
+               else jnp.ones(mask.shape[:1], bool))  # without an EOS token there is nothing to penalise
+    scores = ppo.score_with_eos_penalty(scores, has_eos, hp.missing_eos_penalty)
+
+    kl = ppo.kl_penalty(old_logp, ref_logp, hp.kl_estimator) * mask
+    rewards = ppo.token_rewards(scores, kl, mask, kl_coef)
+    if hp.whiten_rewards:
+        rewards = ppo.whiten(rewards, mask, shift_mean=False)
+    advantages, returns = ppo.gae(rewards, values, mask, hp.gamma, hp.lam)
+    if hp.whiten_advantages:
+        advantages = ppo.whiten(advantages, mask)
+    exp = {"tokens": tokens, "resp_index": resp_index, "resp_tokens": out.tokens, "mask": mask,
+           "prefix_len": prefix_len, "old_logprobs": old_logp, "old_values": values, "advantages": advantages,
+           "returns": returns}
+    seq_kl = kl.sum(-1)
+    metrics = {"score": scores.mean(), "kl": seq_kl.mean(), "kl_coef": jnp.asarray(kl_coef, jnp.float32),
+               "reward": (rewards * mask).sum(-1).mean(), "response_length": mask.sum(-1).mean(),
+               "eos_fraction": has_eos.mean(), "sampler_logprob_gap": ppo.masked_mean(
+                   jnp.abs(out.logprobs - old_logp), mask)}
+    finite = jnp.isfinite(rewards).all() & jnp.isfinite(advantages).all()
+    return exp, metrics, finite
+
+
+def minibatch_loss(cfg: ModelConfig, hp: PPOConfig, params, mb, ptx=None):
+    """PPO loss of one mini-batch of experience (and an optional pretraining batch); `(loss, metrics)`."""
+    logp, logits = _policy_outputs(cfg, params["actor"], mb["tokens"], mb["resp_index"], mb["resp_tokens"],
+                                   mb["prefix_len"], hp.temperature)
+    values = _values(cfg, params["critic"], mb["tokens"], mb["resp_index"], mb["prefix_len"])
+    mask = mb["mask"]
+    pg, pg_m = ppo.policy_loss(logp, mb["old_logprobs"], mb["advantages"], mask, hp.clip)
+    vf, vf_m = ppo.value_loss(values, mb["old_values"], mb["returns"], mask, hp.value_clip)
+    loss = pg + hp.vf_coef * vf
+    ent = ppo.entropy(logits, mask)
+    if hp.ent_coef:
+        loss = loss - hp.ent_coef * ent
+    metrics = {"policy_loss": pg, "value_loss": vf, "entropy": ent, **pg_m, **vf_m}
+    if ptx is not None:
+        ptx_logits = Transformer(cfg).apply({"params": params["actor"]}, ptx["inputs"], **model_kwargs(ptx))
+        ptx_loss, _ = lm_loss(ptx_logits, ptx["targets"], ptx["loss_mask"])
+        loss = loss + hp.ptx_coef * ptx_loss
+        metrics["ptx_loss"] = ptx_loss
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+def ppo_update(cfg: ModelConfig, hp: PPOConfig, tx, state: PPOState, exp, ptx, rng, rewards_finite):
+    """`hp.epochs` passes over `exp` in `hp.mini_batches` shuffled mini-batches; non-finite updates are skipped.
+
+    ptx: None, or an LM batch whose rows are split into the same number of mini-batches (reused each epoch).
+    Returns `(params, opt_state, n_skipped, metrics)` with metrics averaged over all mini-batch updates.
+    """
+    b = exp["mask"].shape[0]
+    k = hp.mini_batches
+    if b % k:
+        raise ValueError(f"ppo: rollout batch {b} is not divisible by mini_batches={k}")
+    if ptx is not None:
+        n_ptx = jax.tree.leaves(ptx)[0].shape[0]
+        if n_ptx % k:
+            raise ValueError(f"ppo: ptx batch {n_ptx} is not divisible by mini_batches={k}")
+        ptx = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), ptx)
+    grad_fn = jax.value_and_grad(lambda p, mb, px: minibatch_loss(cfg, hp, p, mb, px), has_aux=True)
+
+    def mb_step(carry, xs):
+        params, opt_state, skipped = carry
+        idx, i = xs
+        mb = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), exp)
+        px = None if ptx is None else jax.tree.map(lambda x: x[i], ptx)
+        (loss, metrics), grads = grad_fn(params, mb, px)
+        grad_norm = optax.global_norm(grads)
+        ok = rewards_finite & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, c: jnp.where(ok, a, c), new, old)  # noqa: E731
+        metrics = dict(metrics, grad_norm=grad_norm)
+        return (keep(new_params, params), keep(new_opt, opt_state), skipped + (~ok).astype(jnp.int32)), metrics
+
+    def epoch(carry, key):
+        order = jax.random.permutation(key, b).reshape(k, b // k)
+        return jax.lax.scan(mb_step, carry, (order, jnp.arange(k)))
+
+    init = (state.params, state.opt_state, jnp.zeros((), jnp.int32))
+    (params, opt_state, skipped), metrics = jax.lax.scan(epoch, init, jax.random.split(rng, hp.epochs))
+    metrics = jax.tree.map(lambda m: jnp.nanmean(m), metrics)
+    return params, opt_state, skipped, metrics
+
+
+def learn(cfg: ModelConfig, hp: PPOConfig, tx, state: PPOState, frozen, prompt_tokens, prompt_lengths,
+          out: SampleOutput, ptx=None, *, eos_id: Optional[int], pad_id: int):
+    """Score one rollout and update actor and critic: `(new_state, metrics)` (pure; jit it)."""
+    rng, update_rng = jax.random.split(state.rng)
+    exp, roll_metrics, finite = make_experience(cfg, hp, state.params, frozen, prompt_tokens, prompt_lengths, out,
+                                                state.kl_coef, eos_id=eos_id, pad_id=pad_id)
+    params, opt_state, skipped, metrics = ppo_update(cfg, hp, tx, state, exp, ptx, update_rng, finite)
+    kl_coef = ppo.update_kl_coef(state.kl_coef, roll_metrics["kl"], prompt_tokens.shape[0],
+                                 adaptive=hp.adaptive_kl, target=hp.kl_target, horizon=hp.kl_horizon)
+    kl_coef = jnp.where(jnp.isfinite(kl_coef), kl_coef, state.kl_coef)
+    bad = ((skipped > 0) | ~finite).astype(jnp.int32)
+    new_state = PPOState(step=state.step + 1, params=params, opt_state=opt_state, kl_coef=kl_coef, rng=rng,
+                         skipped=state.skipped + skipped, bad_streak=(state.bad_streak + 1) * bad)
+    metrics = dict(metrics, **roll_metrics, skipped=skipped, skipped_total=new_state.skipped,
+                   bad_streak=new_state.bad_streak, rewards_finite=finite.astype(jnp.float32))
+    return new_state, metrics
+
+
+@dataclasses.dataclass
+class PPOSteps:
+    """The jitted pieces of one PPO iteration, built once for a model, recipe, optimiser and mesh.
+
+    `rollout(actor_params, prompt_tokens, prompt_lengths, rng) -> SampleOutput` and `learn(state, frozen,
+    prompt_tokens, prompt_lengths, out[, ptx]) -> (state, metrics)` (the state is donated); `iteration`
+    runs both. Arrays are laid out with `state_shardings`; prompts and ptx rows split over the batch axes.
+    """
+    cfg: ModelConfig
+    hp: PPOConfig
+    mesh: Mesh
+    rules: Any
+    rollout_fn: Callable
+    learn_fn: Callable
+    learn_ptx_fn: Callable
+
+    def rollout(self, actor_params, prompt_tokens, prompt_lengths, rng) -> SampleOutput:
+        with jax.set_mesh(self.mesh):
+            return self.rollout_fn(actor_params, prompt_tokens, prompt_lengths, rng)
+
+    def learn(self, state, frozen, prompt_tokens, prompt_lengths, out, ptx=None):
+        with jax.set_mesh(self.mesh):
+            if ptx is None:
+                return self.learn_fn(state, frozen, prompt_tokens, prompt_lengths, out)
+            return self.learn_ptx_fn(state, frozen, prompt_tokens, prompt_lengths, out, ptx)
+
+    def iteration(self, state, frozen, prompt_tokens, prompt_lengths, ptx=None):
+        """One PPO iteration: sample from the current actor, then learn; returns `(state, metrics, out)`."""
+        rng = jax.random.fold_in(state.rng, 1 << 30)  # a stream apart from the update's splits
+        out = self.rollout(state.params["actor"], prompt_tokens, prompt_lengths, rng)
+        state, metrics = self.learn(state, frozen, prompt_tokens, prompt_lengths, out, ptx)
+        return state, metrics, out
+
+
+def make_steps(cfg: ModelConfig, hp: PPOConfig, tx, shardings, frozen_shardings, mesh: Mesh, *,
+               eos_id: Optional[int], pad_id: int, rules=sharding.RULES, donate: bool = True) -> PPOSteps:
+    """Jit the rollout and learning steps with explicit shardings (see `PPOSteps`)."""
+    def rows(ndim):
+        return sharding.batch_sharding(mesh, ndim, rules)
+
+    replicated = NamedSharding(mesh, P())
+    out_sh = SampleOutput(rows(2), rows(2), rows(2), rows(1))
+
+    def with_rules(fn):
+        def traced(*args):
+            with nn.logical_axis_rules(rules):
+                return fn(*args)
+        return traced
+
+    def do_rollout(actor, prompt_tokens, prompt_lengths, rng):
+        return sample(cfg, actor, prompt_tokens, prompt_lengths, rng, max_new_tokens=hp.response_length,
+                      temperature=hp.temperature, top_k=0, top_p=1.0, eos_id=eos_id, pad_id=pad_id)
+
+    def do_learn(state, frozen, prompt_tokens, prompt_lengths, out, ptx=None):
+        return learn(cfg, hp, tx, state, frozen, prompt_tokens, prompt_lengths, out, ptx, eos_id=eos_id,
+                     pad_id=pad_id)
+
+    rollout_fn = jax.jit(with_rules(do_rollout),
+                         in_shardings=(shardings.params["actor"], rows(2), rows(1), replicated),
+                         out_shardings=out_sh)
+    learn_in = (shardings, frozen_shardings, rows(2), rows(1), out_sh)
+    donate_args = (0,) if donate else ()
+    learn_fn = jax.jit(with_rules(do_learn), in_shardings=learn_in, out_shardings=(shardings, None),
+                       donate_argnums=donate_args)
+    ptx_sh = {k: rows(2) for k in ("inputs", "targets", "loss_mask")}
+    learn_ptx_fn = jax.jit(with_rules(do_learn), in_shardings=learn_in + (ptx_sh,), out_shardings=(shardings, None),
+                           donate_argnums=donate_args)
+    return PPOSteps(cfg, hp, mesh, rules, rollout_fn, learn_fn, learn_ptx_fn)
+
+
+def check_finite(metrics: Mapping[str, Any], hp: PPOConfig) -> None:
+    """Raise `NonFiniteError` when the run has had `hp.max_bad_iterations` bad iterations in a row."""
+    streak = int(metrics["bad_streak"])
+    if streak >= hp.max_bad_iterations:
+        raise NonFiniteError(
+            f"PPO stopped: {streak} iterations in a row had non-finite losses, gradients or rewards "
+            f"(ppo.max_bad_iterations={hp.max_bad_iterations}); skipped updates so far: "
+            f"{int(metrics['skipped_total'])}. Lower the learning rate, clip scores (ppo.score_clip) or check "
+            "the reward model.")
