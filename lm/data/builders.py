@@ -9,8 +9,9 @@ Three kinds of input:
 Blank lines of a JSONL file are skipped; other keys are ignored. Any other malformed row raises a
 `ValueError` naming the file and line. Every record keeps its `source` ("file:line") for later errors.
 
-Each example goes to the "train" or "eval" split by a hash of its content (so duplicates share a split and
-adding rows never moves old ones). `prepare` writes the splits once into
+Each example goes to the "train" or "eval" split by a hash of its content, `eval_fraction` of them to
+"eval" (duplicates share a split, and adding rows never moves old ones); a data set of two or more
+examples where no hash falls under that fraction holds out the example(s) with the lowest hash instead. `prepare` writes the splits once into
 `<cache_dir>/<kind>-<fingerprint of the input files>/` and reuses them while the files are unchanged;
 `cache_dir` defaults to `$LM_DATA_CACHE` or `~/.cache/chatgpt-jax/tfds`. A file lock makes concurrent
 processes on one machine prepare it once.
@@ -135,11 +136,13 @@ _PARSERS = {"text": _text_rows, "sft": lambda f: _json_rows(f, parse_sft),
             "preference": lambda f: _json_rows(f, parse_preference)}
 
 
-def split_of(example: dict, eval_fraction: float) -> str:
-    """"eval" for a deterministic `eval_fraction` of examples (by a hash of their content), else "train"."""
+_BUCKETS = 1_000_000
+
+
+def bucket_of(example: dict) -> int:
+    """A stable hash of an example's content in `[0, 1e6)`: examples below `eval_fraction * 1e6` are "eval"."""
     content = json.dumps({k: np.asarray(v).tolist() for k, v in sorted(example.items())}, ensure_ascii=False)
-    bucket = int.from_bytes(hashlib.sha256(content.encode("utf-8")).digest()[:8], "big") % 1_000_000
-    return "eval" if bucket < eval_fraction * 1_000_000 else "train"
+    return int.from_bytes(hashlib.sha256(content.encode("utf-8")).digest()[:8], "big") % _BUCKETS
 
 
 class LocalData(tfds.core.GeneratorBasedBuilder):
@@ -163,23 +166,28 @@ class LocalData(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(builder=self, description=f"{self._kind} data from {self._path}",
                                      features=tfds.features.FeaturesDict(features))
 
-    def _rows(self) -> Iterator[tuple[str, str, dict]]:
+    def _rows(self) -> Iterator[tuple[str, int, dict]]:
         root = self._path if os.path.isdir(self._path) else os.path.dirname(self._path)
         for file in self._input_files:
             for number, example in _PARSERS[self._kind](file):
-                source = f"{os.path.relpath(file, root)}:{number}"
-                yield source, split_of(example, self._eval_fraction), example
+                yield f"{os.path.relpath(file, root)}:{number}", bucket_of(example), example
 
     def _split_generators(self, dl_manager):
-        # tfds cannot write an empty split, so only the splits that receive examples are declared.
-        present = {split for _, split, _ in self._rows()}
-        if not present:
+        buckets = [b for _, b, _ in self._rows()]
+        if not buckets:
             raise ValueError(f"{self._path} holds no {self._kind} examples")
-        return {split: self._generate_examples(split) for split in SPLITS if split in present}
+        threshold = int(self._eval_fraction * _BUCKETS)
+        # Small data sets still get a held-out example: the one(s) with the lowest hash.
+        if self._eval_fraction > 0 and min(buckets) >= threshold and max(buckets) > min(buckets):
+            threshold = min(buckets) + 1
+        counts = {"eval": sum(b < threshold for b in buckets)}
+        counts["train"] = len(buckets) - counts["eval"]
+        # tfds cannot write an empty split, so only the splits that receive examples are declared.
+        return {split: self._generate_examples(split, threshold) for split in SPLITS if counts[split]}
 
-    def _generate_examples(self, split: str):
-        for source, s, example in self._rows():
-            if s == split:
+    def _generate_examples(self, split: str, threshold: int):
+        for source, bucket, example in self._rows():
+            if (bucket < threshold) == (split == "eval"):
                 yield source, dict(example, source=source)
 
 
