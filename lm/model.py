@@ -26,12 +26,35 @@ def _zeros(names):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
 
 
+class Dense(nn.Module):
+    """`x` contracted over its last `n_in` dims with a kernel `[*in_dims, *features]` named by `names`.
+
+    Unlike nn.DenseGeneral, the kernel is created in its real shape (not flattened first), so its logical
+    names still match when a mesh and axis rules are active.
+    """
+    cfg: ModelConfig
+    features: tuple
+    names: tuple
+    use_bias: bool
+    n_in: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        shape = x.shape[x.ndim - self.n_in:] + self.features
+        kernel = self.param("kernel", _init(cfg, self.names), shape, cfg.params_dtype)
+        y = jnp.tensordot(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype), axes=self.n_in)
+        if self.use_bias:
+            bias = self.param("bias", _zeros(self.names[self.n_in:]), self.features, cfg.params_dtype)
+            y = y + bias.astype(cfg.compute_dtype)
+        return y
+
+
 def _dense(cfg, features, names, bias, name, axis=-1):
-    """DenseGeneral whose kernel (and bias) carry logical axis names."""
+    """A `Dense` whose kernel (and bias) carry logical axis names."""
     n_in = 1 if isinstance(axis, int) else len(axis)
-    return nn.DenseGeneral(
-        features=features, axis=axis, use_bias=bias, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-        kernel_init=_init(cfg, names), bias_init=_zeros(names[n_in:]), name=name)
+    features = tuple(features) if isinstance(features, (tuple, list)) else (features,)
+    return Dense(cfg, features, tuple(names), bias, n_in, name=name)
 
 
 def make_norm(cfg: ModelConfig, name: str):
