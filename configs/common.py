@@ -1,0 +1,107 @@
+"""Config sections shared by every training job (pretrain, SFT, and the later RLHF stages).
+
+A job's `get_config(preset)` starts from `base(...)` and fills in its `data` section and its presets.
+Override anything from the command line: `--config.train.steps=100 --config.mesh.shape="(2,2,2)"`.
+"""
+import dataclasses
+import typing
+
+import ml_collections as mlc
+from ml_collections import config_dict
+
+from lm.config import ModelConfig
+
+
+def _placeholder(field: dataclasses.Field):
+    """A None-valued field typed like the ModelConfig field (so `--config.model.overrides.X=` parses)."""
+    hint = typing.get_type_hints(ModelConfig)[field.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    kind = hint if isinstance(hint, type) else args[0] if args and isinstance(args[0], type) else str
+    return config_dict.placeholder(kind)
+
+
+def model(preset: str) -> mlc.ConfigDict:
+    c = mlc.ConfigDict()
+    c.preset = preset  # an lm.presets name (llama-7b, bloom-7b1, glm-6b, llama-tiny, ...)
+    # Any lm.config.ModelConfig field (documented there), e.g. n_layers, dtype="bfloat16", remat="full";
+    # None keeps the preset's value.
+    c.overrides = mlc.ConfigDict({f.name: _placeholder(f) for f in dataclasses.fields(ModelConfig)})
+    return c
+
+
+def mesh(shape=(1, -1, 1)) -> mlc.ConfigDict:
+    c = mlc.ConfigDict()
+    c.shape = shape  # devices per mesh axis; one -1 takes the remaining devices
+    c.axes = ("data", "fsdp", "tensor")  # mesh axis names (the rules below refer to them)
+    # Logical axis -> mesh axes ("a,b" for several, "" replicated); first match wins when a tensor would use
+    # one mesh axis twice. A dim its mesh axes do not divide is replicated (with a warning).
+    c.rules = mlc.ConfigDict()
+    c.rules.batch = "data,fsdp"  # rows of a batch: data parallel and FSDP
+    c.rules.embed = "fsdp"  # model width: parameters split ZeRO-3 style
+    c.rules.heads = "tensor"  # query heads: tensor parallel
+    c.rules.kv_heads = "tensor"  # key/value heads
+    c.rules.mlp = "tensor"  # MLP hidden units
+    c.rules.vocab = "tensor"  # embedding rows / logits
+    c.rules.length = ""  # sequence positions
+    c.rules.head_dim = ""  # per-head width
+    c.rules.layers = ""  # the scanned layer stack
+    return c
+
+
+def optim(lr: float, warmup_steps: int, weight_decay: float = 0.1) -> mlc.ConfigDict:
+    c = mlc.ConfigDict()
+    c.lr = lr  # peak learning rate (after warmup)
+    c.warmup_steps = warmup_steps  # linear warmup from 0
+    c.decay_steps = 0  # steps of warmup + cosine decay; 0 = train.steps
+    c.end_lr_ratio = 0.1  # final learning rate as a fraction of lr
+    c.b1 = 0.9  # AdamW beta1
+    c.b2 = 0.95  # AdamW beta2 (LLaMA, GPT-3)
+    c.eps = 1e-8  # AdamW epsilon
+    c.weight_decay = weight_decay  # decoupled weight decay
+    c.no_decay = ("norms", "biases", "embeddings")  # parameter kinds exempt from weight decay
+    c.clip_norm = 1.0  # global gradient-norm clip; 0 disables
+    return c
+
+
+def train(steps: int, batch_size: int, *, log_every: int = 10, eval_every: int = 100) -> mlc.ConfigDict:
+    c = mlc.ConfigDict()
+    c.steps = steps  # optimiser steps
+    c.batch_size = batch_size  # sequences per step, over all processes
+    c.micro_batches = 1  # gradient accumulation: each step runs this many micro-batches of batch_size / k
+    c.log_every = log_every  # write metrics.jsonl / TensorBoard every this many steps
+    c.eval_every = eval_every  # held-out loss/perplexity every this many steps (and at the end); 0 = never
+    c.eval_batches = 4  # batches per evaluation
+    c.max_bad_steps = 10  # stop after this many updates in a row skipped for a non-finite loss/gradient
+    return c
+
+
+def checkpoint(every_steps: int, max_to_keep: int = 3) -> mlc.ConfigDict:
+    c = mlc.ConfigDict()
+    c.every_steps = every_steps  # save every this many steps (and at the end); 0 = only at the end
+    c.max_to_keep = max_to_keep  # keep the newest this many checkpoints
+    c.async_save = True  # write in the background while training continues
+    return c
+
+
+def distributed() -> mlc.ConfigDict:
+    c = mlc.ConfigDict()
+    c.coordinator_address = ""  # "host:port" of process 0; "" = $JAX_COORDINATOR_ADDRESS, else single process
+    c.num_processes = 0  # processes in the run; <= 0 = $JAX_NUM_PROCESSES
+    c.process_id = -1  # this process's index; < 0 = $JAX_PROCESS_ID
+    c.auto = False  # without an address, let JAX detect the cluster (TPU pods, SLURM)
+    return c
+
+
+def base(*, model_preset: str, steps: int, batch_size: int, lr: float, warmup_steps: int, checkpoint_every: int,
+         mesh_shape=(1, -1, 1), log_every: int = 10, eval_every: int = 100) -> mlc.ConfigDict:
+    """The sections every job has; the job adds `data` (and may change anything)."""
+    c = mlc.ConfigDict()
+    c.seed = 0  # parameter init, data shuffling and the per-step RNG
+    c.init_from = ""  # a run directory (or its checkpoints/) whose parameters start this run; "" = random init
+    c.model = model(model_preset)
+    c.mesh = mesh(mesh_shape)
+    c.optim = optim(lr, warmup_steps)
+    c.train = train(steps, batch_size, log_every=log_every, eval_every=eval_every)
+    c.checkpoint = checkpoint(checkpoint_every)
+    c.distributed = distributed()
+    return c
