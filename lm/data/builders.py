@@ -220,8 +220,8 @@ def prepare(kind: str, path: str, *, cache_dir: Optional[str] = None, eval_fract
     """Prepares (once) and returns the builder of `path` read as `kind` ("text", "sft" or "preference")."""
     files = _files(path, kind)
     data_dir = os.path.join(cache_dir or default_cache_dir(), f"{kind}-{_fingerprint(kind, files, eval_fraction)}")
-    builder = LocalData(kind, path, eval_fraction=eval_fraction, data_dir=data_dir)
     with _locked(data_dir + ".lock"):
+        builder = LocalData(kind, path, eval_fraction=eval_fraction, data_dir=data_dir)
         tfds.display_progress_bar(False)
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return builder
