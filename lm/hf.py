@@ -1,0 +1,242 @@
+"""Hugging Face checkpoints <-> (`ModelConfig`, params): `load(path)` and `save(cfg, params, path)`.
+
+Reads and writes safetensors directly with NumPy (no torch): tensors are read one at a time, split or
+transposed into our layout and written into the scanned `[n_layers, ...]` leaves, so peak memory is one
+copy of the model plus one tensor. Supported architectures and their layouts live in `lm.hf_arch`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+import re
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, which safetensors' NumPy reader needs)
+import numpy as np
+import safetensors.numpy
+from safetensors import safe_open
+
+from lm import hf_arch
+from lm.config import ModelConfig
+from lm.model import init_params
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+# Buffers some checkpoints store that are recomputed rather than learned.
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
+_COMPARE_SKIP = ("dtype", "param_dtype", "attention_impl", "remat", "init_std", "embed_grad_scale")
+
+
+def _read_json(path: pathlib.Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing {path}")
+    with open(path) as f:
+        return json.load(f)
+
+
+class _Reader:
+    """Tensor-by-tensor access to a single or sharded safetensors checkpoint."""
+
+    def __init__(self, path: pathlib.Path, stack: contextlib.ExitStack):
+        self.path, self._stack, self._open = path, stack, {}
+        if (path / INDEX).is_file():
+            self.files = {k: path / f for k, f in _read_json(path / INDEX)["weight_map"].items()}
+        elif (path / WEIGHTS).is_file():
+            with safe_open(path / WEIGHTS, framework="numpy") as f:
+                self.files = {k: path / WEIGHTS for k in f.keys()}
+        else:
+            hint = " (pytorch_model.bin is not read: save with safe_serialization)" if any(
+                path.glob("pytorch_model*.bin")) else ""
+            raise FileNotFoundError(f"no weights in {path}: expected {path / WEIGHTS} or {path / INDEX}{hint}")
+        self.used: set[str] = set()
+
+    def resolve(self, name: str, base_prefix: str) -> str:
+        if name not in self.files and base_prefix and name.startswith(base_prefix):
+            if name[len(base_prefix):] in self.files:  # checkpoint of the bare base model
+                return name[len(base_prefix):]
+        if name not in self.files:
+            raise KeyError(f"tensor {name!r} not found in {self.path}")
+        return name
+
+    def _handle(self, file: pathlib.Path):
+        if file not in self._open:
+            if not file.is_file():
+                raise FileNotFoundError(f"missing shard {file} (listed in {self.path / INDEX})")
+            self._open[file] = self._stack.enter_context(safe_open(file, framework="numpy"))
+        return self._open[file]
+
+    def get(self, name: str, shape: tuple) -> np.ndarray:
+        """Tensor `name`, after checking it has `shape`."""
+        handle = self._handle(self.files[name])
+        found = tuple(handle.get_slice(name).get_shape())
+        if found != tuple(shape):
+            raise ValueError(f"tensor {name!r} in {self.files[name]} has shape {found}, but config.json "
+                             f"implies {tuple(shape)}")
+        self.used.add(name)
+        return handle.get_tensor(name)
+
+
+def _dtype_name(dtype) -> str:
+    return np.dtype(dtype).name
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    """Our parameter leaves as slash-joined paths -> shapes (nothing allocated)."""
+    tree = jax.eval_shape(lambda r: init_params(cfg, r), jax.random.key(0))
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(k.key for k in path): tuple(x.shape) for path, x in flat}
+
+
+def _set(tree: dict, path: str, value):
+    *parents, last = path.split("/")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+    tree[last] = value
+
+
+def _get(tree: dict, path: str):
+    for p in path.split("/"):
+        tree = tree[p]
+    return tree
+
+
+def _check_cover(arch: hf_arch.Arch, maps, shapes: dict):
+    """Every leaf of our model comes from exactly the tensors of `maps` (a mapping bug otherwise)."""
+    covered = {o for m in maps for o in m.ours}
+    if covered != set(shapes):
+        raise ValueError(f"{arch.name} tensor map does not match the model: leaves without a tensor "
+                         f"{sorted(set(shapes) - covered)}, unknown leaves {sorted(covered - set(shapes))}")
+
+
+def load(path, *, dtype=None) -> tuple[ModelConfig, dict]:
+    """Read a Hugging Face directory (config.json + model.safetensors or a sharded index).
+
+    Args:
+      path: the directory `save_pretrained` wrote.
+      dtype: dtype of the returned parameters (and of `cfg.dtype` / `cfg.param_dtype`); None keeps the
+        checkpoint's `dtype` / `torch_dtype` from config.json (float32 if it names none).
+    Returns:
+      `(cfg, params)`: the `ModelConfig` and the parameter tree of `Transformer(cfg)`, with NumPy leaves in
+      host memory (place them with `jax.device_put(params, shardings)`).
+    """
+    path = pathlib.Path(path)
+    hf = _read_json(path / "config.json")
+    archs = hf.get("architectures") or [None]
+    arch = hf_arch.get(archs[0])
+    target = _dtype_name(dtype or hf.get("dtype") or hf.get("torch_dtype") or "float32")
+    cfg = ModelConfig(**arch.from_hf(hf), dtype=target, param_dtype=target)
+    shapes = _expected_shapes(cfg)
+    maps = arch.tensors(cfg)
+    _check_cover(arch, maps, shapes)
+    params: dict = {}
+    with contextlib.ExitStack() as stack:
+        reader = _Reader(path, stack)
+        for m in maps:
+            layered = "{i}" in m.hf
+            per_layer = [shapes[o][1:] if layered else shapes[o] for o in m.ours]
+            names = [m.hf.format(i=i) for i in range(cfg.n_layers)] if layered else [m.hf]
+            bufs = [np.empty(shapes[o], target) for o in m.ours]
+            for i, name in enumerate(names):
+                tensor = reader.get(reader.resolve(name, arch.base_prefix), m.hf_shape(per_layer))
+                for buf, piece in zip(bufs, m.from_hf(tensor, per_layer)):
+                    if layered:
+                        buf[i] = piece
+                    else:
+                        buf[...] = piece
+            for o, buf in zip(m.ours, bufs):
+                _set(params, o, buf)
+        unused = sorted(k for k in set(reader.files) - reader.used if not _IGNORED.search(k)
+                        and not (cfg.tie_embeddings and k.endswith("lm_head.weight")))
+        if unused:
+            raise ValueError(f"{len(unused)} tensor(s) in {path} are not used by {arch.name}: {unused[:8]}")
+    return cfg, params
+
+
+def _canonical(cfg: ModelConfig) -> dict:
+    """The fields that change what the model computes, with defaults resolved."""
+    d = {k: v for k, v in cfg.to_dict().items() if k not in _COMPARE_SKIP}
+    d.update(n_kv_heads=cfg.kv_heads, head_dim=cfg.dim_per_head, deepnorm_alpha=cfg.alpha)
+    if cfg.mlp == "swiglu":
+        d.pop("gelu_approximate")
+    if cfg.position not in ("rope", "rope2d"):
+        for k in ("rope_theta", "rope_fraction", "rope_interleaved"):
+            d.pop(k)
+    return d
+
+
+def _hf_config(cfg: ModelConfig, arch: hf_arch.Arch) -> dict:
+    """`arch`'s config.json for `cfg`; an error lists every field the architecture cannot express."""
+    hf = dict(arch.to_hf(cfg), architectures=[arch.name], dtype=cfg.param_dtype)
+    ours, back = _canonical(cfg), _canonical(ModelConfig(**arch.from_hf(hf)))
+    diff = [f"{k}={ours[k]!r} ({arch.name} gives {back.get(k)!r})" for k in ours if ours[k] != back.get(k)]
+    if diff:
+        raise ValueError(f"ModelConfig cannot be written as {arch.name}: {', '.join(diff)}")
+    return hf
+
+
+def save(cfg: ModelConfig, params, path, *, architecture: Optional[str] = None,
+         max_shard_size: int = 5 * 2**30, extra_config: Optional[dict] = None) -> pathlib.Path:
+    """Write `params` of `Transformer(cfg)` as a Hugging Face directory `transformers` can load.
+
+    Args:
+      cfg, params: the model (params as from `init_params` or `load`; leaves keep their dtype).
+      path: output directory (created).
+      architecture: HF architecture name (see `lm.hf_arch.ARCHS`); None picks it from `cfg`: learned
+        positions -> GPT-2, ALiBi + LayerNorm -> BLOOM, ALiBi + RMSNorm -> Baichuan, interleaved RoPE ->
+        GLM-4, RoPE -> LLaMA, DeepNorm / 2D RoPE -> ChatGLM-6B. Baichuan and ChatGLM-6B are remote-code
+        architectures: `transformers` needs their modeling code to instantiate them.
+      max_shard_size: bytes per safetensors file; larger models are sharded with an index.
+      extra_config: entries added to config.json, e.g. `{"bos_token_id": 1, "eos_token_id": 2}` (a
+        `ModelConfig` knows no token ids, so they are written as null unless given here).
+    Returns:
+      The directory.
+    """
+    arch = hf_arch.get(architecture or hf_arch.default_for(cfg))
+    hf = _hf_config(cfg, arch)
+    params = nn.unbox(params)
+    shapes = _expected_shapes(cfg)
+    for leaf, shape in shapes.items():
+        got = tuple(np.shape(_get(params, leaf)))
+        if got != shape:
+            raise ValueError(f"param {leaf!r} has shape {got}, but cfg implies {shape}")
+    maps = arch.tensors(cfg)
+    _check_cover(arch, maps, shapes)
+
+    entries = []  # (hf name, map, layer index or None, bytes)
+    for m in maps:
+        layered = "{i}" in m.hf
+        per_layer = [shapes[o][1:] if layered else shapes[o] for o in m.ours]
+        nbytes = int(np.prod(m.hf_shape(per_layer))) * np.dtype(_get(params, m.ours[0]).dtype).itemsize
+        for i in range(cfg.n_layers) if layered else [None]:
+            entries.append((m.hf if i is None else m.hf.format(i=i), m, i, nbytes))
+    shards, size = [[]], 0
+    for e in entries:
+        if shards[-1] and size + e[3] > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e[3]
+
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    n = len(shards)
+    weight_map = {}
+    for s, shard in enumerate(shards):
+        file = WEIGHTS if n == 1 else f"model-{s + 1:05d}-of-{n:05d}.safetensors"
+        tensors = {}
+        for name, m, i, _ in shard:
+            leaves = [np.asarray(_get(params, o) if i is None else _get(params, o)[i]) for o in m.ours]
+            tensors[name] = np.ascontiguousarray(m.to_hf(leaves))
+            weight_map[name] = file
+        safetensors.numpy.save_file(tensors, path / file, metadata={"format": "pt"})
+        del tensors
+    if n > 1:
+        index = {"metadata": {"total_size": sum(e[3] for e in entries)}, "weight_map": weight_map}
+        (path / INDEX).write_text(json.dumps(index, indent=2))
+    hf.update(bos_token_id=None, eos_token_id=None, pad_token_id=None, **(extra_config or {}))
+    hf["dtype"] = _dtype_name(_get(params, "embed/embedding").dtype)
+    (path / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
+    return path
