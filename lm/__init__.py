@@ -3,6 +3,7 @@ from lm.config import ModelConfig
 from lm.model import Transformer, count_params, default_positions, init_cache, init_params
 from lm import presets
 from lm import data, tokenizer
+from lm import hf
 
 __all__ = ["ModelConfig", "Transformer", "count_params", "default_positions", "init_cache", "init_params",
            "presets"]
