@@ -9,9 +9,10 @@ from lm.config import ModelConfig
 _LLAMA = dict(norm="rmsnorm", mlp="swiglu", position="rope", tie_embeddings=False)
 _BLOOM = dict(norm="layernorm", norm_eps=1e-5, mlp="gelu", position="alibi", embed_norm=True, qkv_bias=True,
               out_bias=True, mlp_bias=True, tie_embeddings=True)
-# ChatGLM-6B: DeepNorm post-LN, GELU MLP, 2D RoPE over the whole head split in halves, prefix-LM.
+# ChatGLM-6B: DeepNorm post-LN, GELU MLP, 2D RoPE over the whole head split in halves, prefix-LM; the output
+# head shares the word embeddings (HF's default tie), which gives the published 6.2B.
 _GLM = dict(norm="layernorm", norm_eps=1e-5, residual="deepnorm", mlp="gelu", position="rope2d", mask="prefix",
-            qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=False)
+            qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True)
 _GPT = dict(norm="layernorm", norm_eps=1e-5, mlp="gelu", position="learned", qkv_bias=True, out_bias=True,
             mlp_bias=True, tie_embeddings=True)
 
@@ -27,7 +28,7 @@ _PRESETS = {
     "bloom-560m": dict(_BLOOM, vocab_size=250880, d_model=1024, n_layers=24, n_heads=16, d_ff=4096, max_len=2048),
     "bloom-7b1": dict(_BLOOM, vocab_size=250880, d_model=4096, n_layers=30, n_heads=32, d_ff=16384, max_len=2048),
     "bloom-tiny": dict(_BLOOM, vocab_size=512, d_model=64, n_layers=2, n_heads=4, d_ff=256, max_len=256),
-    # ChatGLM-6B (THUDM 2023): 28 layers, 130528-token vocabulary, ~6.2B.
+    # ChatGLM-6B (THUDM 2023): 28 layers, 130528-token vocabulary, 6.17B.
     "glm-6b": dict(_GLM, vocab_size=130528, d_model=4096, n_layers=28, n_heads=32, d_ff=16384, max_len=2048),
     # GLM-130B: DeepNorm, GeGLU, 2D RoPE, embedding-gradient shrink 0.1.
     "glm-130b": dict(_GLM, mlp="geglu", vocab_size=150528, d_model=12288, n_layers=70, n_heads=96, d_ff=32768,
