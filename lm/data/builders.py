@@ -11,10 +11,10 @@ Blank lines of a JSONL file are skipped; other keys are ignored. Any other malfo
 
 Each example goes to the "train" or "eval" split by a hash of its content, `eval_fraction` of them to
 "eval" (duplicates share a split, and adding rows never moves old ones); a data set of two or more
-examples where no hash falls under that fraction holds out the example(s) with the lowest hash instead. `prepare` writes the splits once into
-`<cache_dir>/<kind>-<fingerprint of the input files>/` and reuses them while the files are unchanged;
-`cache_dir` defaults to `$LM_DATA_CACHE` or `~/.cache/chatgpt-jax/tfds`. A file lock makes concurrent
-processes on one machine prepare it once.
+examples where no hash falls under that fraction holds out the example(s) with the lowest hash instead.
+`prepare` writes the splits once into `<cache_dir>/<kind>-<fingerprint of the input files>/` and reuses
+them while the files are unchanged; `cache_dir` defaults to `$LM_DATA_CACHE` or
+`~/.cache/chatgpt-jax/tfds`. A file lock makes concurrent processes on one machine prepare it once.
 """
 from __future__ import annotations
 

@@ -78,7 +78,8 @@ def test_text_builder_documents_splits_and_cache(tmp_path, cache):
     (tmp_path / "ignored.md").write_text("not text data")
     train = builders.data_source("text", str(tmp_path), "train", cache_dir=cache, eval_fraction=0.2)
     held = builders.data_source("text", str(tmp_path), "eval", cache_dir=cache, eval_fraction=0.2)
-    docs = {r["source"].decode(): r["text"].decode() for src in (train, held) for r in (src[i] for i in range(len(src)))}
+    records = [src[i] for src in (train, held) for i in range(len(src))]
+    docs = {r["source"].decode(): r["text"].decode() for r in records}
     assert len(docs) == 42 and len(train) + len(held) == 42 and 0 < len(held) < 21
     assert docs["a.txt:1"] == "first doc line one\nline two" and docs["a.txt:5"] == "second doc"
     assert docs[os.path.join("sub", "b.txt") + ":3"] == "doc 1"
@@ -311,7 +312,8 @@ def test_preference_batches(tmp_path, tok, cache):
     # Pairs: every strict preference once, ties and absent responses excluded.
     for r in (four, two):
         ranks = b["ranks"][r]
-        got = {(int(c), int(j)) for c, j, m in zip(b["chosen_index"][r], b["rejected_index"][r], b["pair_mask"][r]) if m}
+        pairs = zip(b["chosen_index"][r], b["rejected_index"][r], b["pair_mask"][r])
+        got = {(int(c), int(j)) for c, j, m in pairs if m}
         want = {(i, j) for i in range(4) for j in range(4) if ranks[i] >= 0 and ranks[j] >= 0 and ranks[i] < ranks[j]}
         assert got == want
     pairs = data.preference_pairs(b)

@@ -91,7 +91,8 @@ def test_cli(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     tok = Tokenizer.load(str(out) + ".model")
-    assert tok.vocab_size == 1200 and tok.decode(tok.encode("天空为什么是蓝色的？")) == "天空为什么是蓝色的？"
+    assert tok.vocab_size == 1200
+    assert tok.decode(tok.encode("天空为什么是蓝色的？")) == "天空为什么是蓝色的？"
 
 
 def test_cli_input_errors(tmp_path):
