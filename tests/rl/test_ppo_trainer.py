@@ -1,0 +1,119 @@
+"""PPO end to end on a tiny model: two iterations change the weights, NaN rewards are skipped and stop the
+run, and the sharded step on 8 fake devices equals the 1-device step."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lm import presets, sharding
+from lm.model import init_params
+from rl import ppo_trainer as pt
+from rl import reward
+
+CFG = presets.get("llama-tiny", max_len=32)
+HP = pt.PPOConfig(response_length=6, epochs=2, mini_batches=2, max_bad_iterations=2)
+EOS, PAD = 2, 0
+
+
+def _prompts(b=8):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, CFG.vocab_size, size=(b, 5)).astype(np.int32)
+    lengths = rng.integers(2, 6, size=b).astype(np.int32)
+    return tokens, lengths
+
+
+# SGD keeps the update linear in the gradient, so layouts can be compared tightly (Adam divides by sqrt(v)
+# and turns float noise in near-zero gradients into full-size steps).
+TX = optax.sgd(0.5)
+
+
+def _models():
+    sft = jax.jit(lambda r: init_params(CFG, r))(jax.random.key(0))
+    rm = reward.init_from_sft(CFG, sft, jax.random.key(1))
+    return sft, rm
+
+
+def _setup(mesh, donate=True):
+    _, sh, fsh = pt.state_shardings(CFG, TX, mesh)
+    sft, rm = _models()
+    state = pt.init_state(sft, rm, TX, HP.kl_coef, jax.random.key(2), sh)
+    steps = pt.make_steps(CFG, HP, TX, sh, fsh, mesh, eos_id=EOS, pad_id=PAD, donate=donate)
+    return steps, state, {"ref": sft, "reward": rm}
+
+
+@pytest.fixture(scope="module")
+def single():
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    return _setup(mesh, donate=False)
+
+
+def test_two_iterations_change_weights_with_finite_metrics(single):
+    steps, state, frozen = single
+    prompts, lengths = _prompts()
+    before = jax.device_get(state.params)
+    for _ in range(2):
+        state, metrics, out = steps.iteration(state, frozen, prompts, lengths)
+        metrics = jax.device_get(metrics)
+        for k, v in metrics.items():
+            assert np.isfinite(v), k
+        assert metrics["skipped"] == 0
+    after = jax.device_get(state.params)
+    for name in ("actor", "critic"):
+        diffs = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), before[name], after[name])
+        assert max(jax.tree.leaves(diffs)) > 1e-5, name
+    assert int(state.step) == 2
+    # The rollout keeps each prompt's own tokens and ends each response at EOS or the length limit.
+    assert out.tokens.shape == (8, HP.response_length)
+    # The reference stays frozen.
+    np.testing.assert_array_equal(jax.tree.leaves(frozen["ref"])[0], jax.tree.leaves(_models()[0])[0])
+
+
+def test_assemble_joins_prompt_and_response():
+    prompts = jnp.array([[5, 6, 7], [8, 0, 0]], jnp.int32)
+    lengths = jnp.array([3, 1], jnp.int32)
+    out = pt.SampleOutput(jnp.array([[9, 2], [10, 0]]), jnp.zeros((2, 2)), jnp.array([[1.0, 1.0], [1.0, 0.0]]),
+                          jnp.array([2, 1]))
+    tokens, index = pt.assemble(prompts, lengths, out, PAD)
+    np.testing.assert_array_equal(tokens, [[5, 6, 7, 9, 2], [8, 10, 0, 0, 0]])
+    np.testing.assert_array_equal(index, [[2, 3], [0, 1]])
+
+
+def test_non_finite_rewards_skip_update_and_stop(single):
+    steps, state, frozen = single
+    prompts, lengths = _prompts()
+    bad = dict(frozen, reward=jax.tree.map(lambda x: x * jnp.nan, frozen["reward"]))
+    before = jax.device_get(state.params)
+    state, metrics, _ = steps.iteration(state, bad, prompts, lengths)
+    assert int(metrics["skipped"]) == HP.epochs * HP.mini_batches and int(metrics["bad_streak"]) == 1
+    pt.check_finite(metrics, HP)  # one bad iteration is tolerated
+    after = jax.device_get(state.params)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+    state, metrics, _ = steps.iteration(state, bad, prompts, lengths)
+    with pytest.raises(pt.NonFiniteError, match="2 iterations in a row"):
+        pt.check_finite(metrics, HP)
+    # A good iteration resets the streak.
+    state, metrics, _ = steps.iteration(state, frozen, prompts, lengths)
+    assert int(metrics["bad_streak"]) == 0
+
+
+def test_sharded_step_equals_single_device(single):
+    steps1, state1, frozen = single
+    prompts, lengths = _prompts()
+    mesh8 = sharding.make_mesh((2, 2, 2))
+    steps8, state8, frozen8 = _setup(mesh8)
+    # The same starting point on both layouts (the fixture's state has moved on in other tests).
+    state1 = pt.init_state(*_models(), TX, HP.kl_coef, jax.random.key(2), pt.state_shardings(CFG, TX, steps1.mesh)[1])
+    rng = jax.random.key(7)
+    out1 = steps1.rollout(state1.params["actor"], prompts, lengths, rng)
+    out8 = steps8.rollout(state8.params["actor"], prompts, lengths, rng)
+    np.testing.assert_array_equal(out1.tokens, out8.tokens)
+    np.testing.assert_allclose(out1.logprobs, out8.logprobs, atol=1e-5)
+    leaf = state8.params["actor"]["layers"]["mlp"]["wi"]["kernel"]
+    assert len(leaf.sharding.device_set) == 8 and not leaf.sharding.is_fully_replicated
+    new1, m1 = steps1.learn(state1, frozen, prompts, lengths, out1)
+    new8, m8 = steps8.learn(state8, frozen8, prompts, lengths, jax.device_get(out1))
+    for k in ("loss", "policy_loss", "value_loss", "kl", "score"):
+        np.testing.assert_allclose(m1[k], m8[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    for a, b in zip(jax.tree.leaves(jax.device_get(new1.params)), jax.tree.leaves(jax.device_get(new8.params))):
+        np.testing.assert_allclose(a, b, atol=1e-5)
