@@ -27,6 +27,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 KINDS = ("text", "sft", "preference")
 SPLITS = ("train", "eval")
@@ -160,6 +161,13 @@ class LocalData(tfds.core.GeneratorBasedBuilder):
         self._kind, self._path, self._eval_fraction = kind, path, eval_fraction
         self._input_files = _files(path, kind)
         super().__init__(data_dir=data_dir, file_format="array_record")
+
+    # tfds prints "Downloading and preparing..." to stdout; local data is only converted, so log that.
+    def _log_download_bytes(self):
+        logging.info("converting %s data %s into %s", self._kind, self._path, self.data_dir)
+
+    def _log_download_done(self):
+        logging.info("%s data %s ready in %s", self._kind, self._path, self.data_dir)
 
     def _info(self) -> tfds.core.DatasetInfo:
         features = dict(_FEATURES[self._kind](), source=tfds.features.Text())
