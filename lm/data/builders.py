@@ -49,9 +49,10 @@ def _lines(file: str) -> Iterator[tuple[int, str]]:
     with open(file, "rb") as f:
         for number, raw in enumerate(f, 1):
             try:
-                yield number, raw.decode("utf-8").rstrip("\r\n")
+                line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
                 raise ValueError(f"{file}:{number}: not valid UTF-8 ({e})") from e
+            yield number, line.lstrip("\ufeff") if number == 1 else line  # a byte-order mark is not text
 
 
 def _text_rows(file: str) -> Iterator[tuple[int, dict]]:

@@ -73,7 +73,7 @@ def test_chat_template(tok):
 
 def test_text_builder_documents_splits_and_cache(tmp_path, cache):
     (tmp_path / "sub").mkdir()
-    (tmp_path / "a.txt").write_text("first doc line one\nline two\n\n\nsecond doc\n")
+    (tmp_path / "a.txt").write_text("\ufefffirst doc line one\r\nline two\n\n\nsecond doc\n")
     (tmp_path / "sub" / "b.txt").write_text("\n".join(f"doc {i}\n" for i in range(40)))
     (tmp_path / "ignored.md").write_text("not text data")
     train = builders.data_source("text", str(tmp_path), "train", cache_dir=cache, eval_fraction=0.2)
@@ -317,6 +317,8 @@ def test_preference_batches(tmp_path, tok, cache):
         want = {(i, j) for i in range(4) for j in range(4) if ranks[i] >= 0 and ranks[j] >= 0 and ranks[i] < ranks[j]}
         assert got == want
     pairs = data.preference_pairs(b)
+    on_device = jax.jit(data.preference_pairs)(jax.tree.map(jax.numpy.asarray, b))
+    jax.tree.map(np.testing.assert_array_equal, on_device, pairs)
     assert pairs["chosen"]["inputs"].shape == (12, 40) and pairs["pair_mask"].shape == (12,)
     valid = pairs["pair_mask"] == 1
     assert valid.sum() == 6 and np.all(pairs["chosen"]["ranks"][valid] < pairs["rejected"]["ranks"][valid])
