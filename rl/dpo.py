@@ -6,10 +6,16 @@ as in the reward model's ranking loss. Reference log-probs are computed once per
 """
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
 
+from lm import sharding
 from lm.config import ModelConfig
+from lm.losses import token_log_probs
 from lm.model import Transformer
 
 
@@ -33,7 +39,8 @@ def ranked_dpo_loss(policy_logps, ref_logps, ranks, beta: float, label_smoothing
     """DPO over all untied pairs of K ranked responses per prompt; returns `(loss, metrics)`.
 
     policy_logps, ref_logps: `[B, K]` summed response log-probs; ranks: int `[B, K]` (0 = best, -1 = absent).
-    Metrics: `reward_accuracy` (implicit reward of the chosen above the rejected), `reward_margin`.
+    Metrics: `reward_accuracy` (implicit reward of the chosen above the rejected), `reward_margin` (of the
+    implicit rewards `log pi - log ref`), `prompts` (prompts with at least one untied pair).
     """
     if policy_logps.shape != ranks.shape or ref_logps.shape != ranks.shape or ranks.ndim != 2:
         raise ValueError(f"rl.dpo.ranked_dpo_loss: policy {policy_logps.shape}, reference {ref_logps.shape} and "
@@ -51,44 +58,60 @@ def ranked_dpo_loss(policy_logps, ref_logps, ranks, beta: float, label_smoothing
     loss = (prompt_loss * has_pairs).sum() / jnp.maximum(has_pairs.sum(), 1.0)
     total = jnp.maximum(pair.sum(), 1.0)
     metrics = {"reward_accuracy": ((logits > 0) * pair).sum() / total,
-               "reward_margin": (logits * pair).sum() / total / beta}
+               "reward_margin": (logits * pair).sum() / total / beta, "prompts": has_pairs.sum()}
     return loss, metrics
 
 
-def sequence_logprobs(cfg: ModelConfig, params, tokens, response_mask, prefix_len=None):
-    """Summed log-probs of the response tokens: `[B, K]` from tokens `[B, K, T]` and response_mask `[B, K, T]`.
+def sequence_logprobs(cfg: ModelConfig, params, inputs, targets, loss_mask, prefix_len=None):
+    """Summed log-probs of the response tokens, `[B, K]`, from LM-convention arrays `[B, K, T]`.
 
-    response_mask[b, k, t] = 1 when token t belongs to the response (it is predicted from position t - 1).
+    inputs/targets/loss_mask follow lm.data.preference_dataset: `targets` are the next tokens and
+    `loss_mask` is 1 on response tokens (and their eos). prefix_len: `[B, K]` for prefix-LM models (GLM).
     """
-    if tokens.ndim != 3 or response_mask.shape != tokens.shape:
-        raise ValueError(f"rl.dpo.sequence_logprobs: tokens {tuple(tokens.shape)} and response_mask "
-                         f"{tuple(response_mask.shape)} must both be [B, K, T]")
-    b, k, t = tokens.shape
-    flat = tokens.reshape(b * k, t)
+    if inputs.ndim != 3 or targets.shape != inputs.shape or loss_mask.shape != inputs.shape:
+        raise ValueError(f"rl.dpo.sequence_logprobs: inputs {tuple(inputs.shape)}, targets {tuple(targets.shape)} "
+                         f"and loss_mask {tuple(loss_mask.shape)} must all be [B, K, T]")
+    b, k, t = inputs.shape
     flat_prefix = None if prefix_len is None else prefix_len.reshape(b * k)
-    logits = Transformer(cfg).apply({"params": params}, flat, prefix_len=flat_prefix)[:, :-1]
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    tok_logp = jnp.take_along_axis(logp, flat[:, 1:, None], axis=-1)[..., 0]
-    mask = response_mask.reshape(b * k, t)[:, 1:].astype(jnp.float32)
-    return (tok_logp * mask).sum(-1).reshape(b, k)
+    logits = Transformer(cfg).apply({"params": params}, inputs.reshape(b * k, t), prefix_len=flat_prefix)
+    tok_logp = token_log_probs(logits, targets.reshape(b * k, t))
+    return (tok_logp * loss_mask.reshape(b * k, t).astype(jnp.float32)).sum(-1).reshape(b, k)
+
+
+def _logps(cfg, params, batch):
+    return sequence_logprobs(cfg, params, batch["inputs"], batch["targets"], batch["loss_mask"],
+                             batch.get("prompt_len"))
 
 
 def dpo_loss_fn(cfg: ModelConfig, beta: float, label_smoothing: float = 0.0):
     """`loss_fn(params, batch, rng) -> (loss, metrics)` for the generic train step.
 
-    batch: `tokens [B, K, T]`, `response_mask [B, K, T]`, `ranks [B, K]`, `ref_logps [B, K]` (from
-    `reference_logps`), optional `prefix_len [B, K]`.
+    batch: a preference batch (`inputs`, `targets`, `loss_mask` `[B, K, T]`, `ranks`, `prompt_len` `[B, K]`)
+    with `ref_logps [B, K]` added by `with_reference_logps`. `metrics["weight"]` counts prompts with pairs.
     """
     def loss_fn(params, batch, rng):
         del rng
-        logps = sequence_logprobs(cfg, params, batch["tokens"], batch["response_mask"], batch.get("prefix_len"))
-        return ranked_dpo_loss(logps, batch["ref_logps"], batch["ranks"], beta, label_smoothing)
+        loss, metrics = ranked_dpo_loss(_logps(cfg, params, batch), batch["ref_logps"], batch["ranks"], beta,
+                                        label_smoothing)
+        return loss, dict(metrics, loss=loss, weight=metrics["prompts"])
     return loss_fn
 
 
-def reference_logps(cfg: ModelConfig):
-    """A jitted `f(ref_params, batch) -> [B, K]` giving the frozen reference's response log-probs."""
-    @jax.jit
-    def f(ref_params, batch):
-        return sequence_logprobs(cfg, ref_params, batch["tokens"], batch["response_mask"], batch.get("prefix_len"))
-    return f
+def with_reference_logps(dataset, cfg: ModelConfig, ref_params, mesh, rules=sharding.RULES):
+    """`dataset` (a grain IterDataset of preference batches) with the frozen reference's `ref_logps [B, K]`.
+
+    The reference runs once per batch as its own jitted forward pass, outside the policy's gradient, so
+    the policy step needs only the policy (TRL's `precompute_ref_log_probs`, done on the fly). The map keeps
+    the dataset's checkpointable position.
+    """
+    keys = ("inputs", "targets", "loss_mask", "prompt_len")
+    fn = jax.jit(lambda p, b: _logps(cfg, p, b), out_shardings=sharding.batch_sharding(mesh, 2, rules))
+    axes = sharding.batch_axes(rules) or None
+
+    def add(batch):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            out = fn(ref_params, sharding.global_batch({k: batch[k] for k in keys if k in batch}, mesh, rules))
+        local = multihost_utils.global_array_to_host_local_array(out, mesh, P(axes, None))
+        return dict(batch, ref_logps=np.asarray(local, np.float32))
+
+    return dataset.map(add)

@@ -21,7 +21,8 @@ def ranking_loss(scores, ranks):
     present responses enters `-log sigmoid(r_w - r_l)`; a prompt's loss is the mean over its untied pairs and
     the batch loss the mean over prompts that have at least one, so each prompt weighs the same (InstructGPT
     treats a prompt's comparisons as one batch element). Metrics, pooled over all pairs of the batch:
-    `accuracy` (fraction with r_w > r_l), `margin` (mean r_w - r_l) and `pairs` (their number).
+    `accuracy` (fraction with r_w > r_l), `margin` (mean r_w - r_l), `pairs` (their number) and `prompts`
+    (prompts with at least one untied pair).
     """
     if scores.ndim != 2 or scores.shape != ranks.shape:
         raise ValueError(f"rl.reward.ranking_loss: scores {tuple(scores.shape)} and ranks {tuple(ranks.shape)} "
@@ -40,7 +41,7 @@ def ranking_loss(scores, ranks):
     loss = (prompt_loss * has_pairs).sum() / jnp.maximum(has_pairs.sum(), 1.0)
     total = jnp.maximum(pair.sum(), 1.0)
     metrics = {"accuracy": ((diff > 0) * pair).sum() / total, "margin": (diff * pair).sum() / total,
-               "pairs": pair.sum()}
+               "pairs": pair.sum(), "prompts": has_pairs.sum()}
     return loss, metrics
 
 
@@ -64,14 +65,18 @@ def score_responses(cfg: ModelConfig, params, tokens, last_index, prefix_len=Non
 def reward_loss_fn(cfg: ModelConfig):
     """`loss_fn(params, batch, rng) -> (loss, metrics)` for the generic train step on preference batches.
 
-    batch: `tokens [B, K, T]`, `ranks [B, K]`, `last_index [B, K]`, optional `prefix_len [B, K]`.
+    batch (lm.data.preference_dataset): `tokens [B, K, T]`, `ranks [B, K]`, `last_index [B, K]`, and
+    `prompt_len [B, K]` (the bidirectional prefix of prefix-LM models). `metrics["weight"]` is the number of
+    prompts with at least one untied pair, so accumulated micro-batches average exactly as one batch.
     """
     def loss_fn(params, batch, rng):
         del rng
-        scores = score_responses(cfg, params, batch["tokens"], batch["last_index"], batch.get("prefix_len"))
+        scores = score_responses(cfg, params, batch["tokens"], batch["last_index"], batch.get("prompt_len"))
         loss, metrics = ranking_loss(scores, batch["ranks"])
         present = batch["ranks"] >= 0
         metrics["score_mean"] = (scores * present).sum() / jnp.maximum(present.sum(), 1)
+        metrics["loss"] = loss
+        metrics["weight"] = metrics["prompts"]
         return loss, metrics
     return loss_fn
 
