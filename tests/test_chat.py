@@ -1,0 +1,141 @@
+"""The chat REPL: streamed replies equal `lm.generate`, the history is templated and trimmed, and scripted
+sessions over stdin (an orbax run directory and a Hugging Face directory) answer every turn and exit 0."""
+import functools
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from experiments import chat
+from lm import checkpoint, hf, presets
+from lm.data import format_prompt
+from lm.generate import generate
+from lm.model import init_params
+from lm.tokenizer import Tokenizer
+from lm.train import TrainState
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    prefix = tmp_path_factory.mktemp("tok") / "tok"
+    return Tokenizer.train(os.path.join(ROOT, "data/text/en.txt"), 320, str(prefix), character_coverage=0.99)
+
+
+@functools.lru_cache(maxsize=None)
+def _model(name, vocab_size):
+    # A larger init than the default keeps the next-token distribution far from uniform.
+    cfg = presets.get(name, vocab_size=vocab_size, max_len=128, init_std=0.1)
+    return cfg, init_params(cfg, jax.random.key(3))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tok, tmp_path_factory):
+    """A run directory as the training stages leave it: tokenizer.model and an orbax checkpoint with meta."""
+    run = tmp_path_factory.mktemp("run")
+    cfg, params = _model("llama-tiny", tok.vocab_size)
+    tx = optax.adam(1e-3)
+    zero = np.zeros((), np.int32)
+    state = TrainState(step=zero, params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(0),
+                       skipped=zero, bad_streak=zero)
+    ckpt = checkpoint.Checkpointer(str(run / "checkpoints"), async_save=False)
+    ckpt.save(1, state, meta={"model": cfg.to_dict(), "stage": "sft"}, force=True)
+    ckpt.close()
+    shutil.copyfile(tok.path, run / "tokenizer.model")
+    return run, cfg, params
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "glm-tiny"])
+def test_greedy_stream_equals_generate(name, tok):
+    cfg, params = _model(name, tok.vocab_size)
+    prompt = format_prompt(tok, "What is the capital of France?").tolist()
+    eos = tok.eos_id
+    want = generate(cfg, params, [prompt], 11, eos_id=eos)[0]
+    pieces = list(chat.stream(cfg, params, prompt, max_new_tokens=11, eos_id=eos, rng=jax.random.key(0),
+                              temperature=0.0, chunk=4))
+    assert all(1 <= len(p) <= 4 for p in pieces)
+    got = sum(pieces, [])
+    assert got == [t for t in want if t != eos]
+    assert len(got) == 11 or want[-1] == eos
+
+
+def test_sampled_stream_respects_top_k_and_length(tok):
+    cfg, params = _model("llama-tiny", tok.vocab_size)
+    prompt = format_prompt(tok, "Hello").tolist()
+    got = sum(chat.stream(cfg, params, prompt, max_new_tokens=10, eos_id=tok.eos_id, rng=jax.random.key(1),
+                          temperature=1.0, top_k=1, chunk=4), [])
+    greedy = sum(chat.stream(cfg, params, prompt, max_new_tokens=10, eos_id=tok.eos_id, rng=jax.random.key(2),
+                             temperature=0.0, chunk=4), [])
+    assert got == greedy  # top_k=1 leaves only the argmax
+    assert len(got) <= 10
+
+
+def test_session_history_template_reset_and_trimming(tok, run_dir):
+    _, cfg, params = run_dir
+    session = chat.ChatSession(cfg, params, tok, system="Be brief.", temperature=0.0, max_new_tokens=8, chunk=4)
+    first = "".join(session.reply("Hi there"))
+    assert session.history == [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": first}]
+    np.testing.assert_array_equal(
+        session.prompt_ids("And now?"),
+        format_prompt(tok, "And now?", system="Be brief.", history=session.history))
+    session.reset()
+    np.testing.assert_array_equal(session.prompt_ids("Hi there"), format_prompt(tok, "Hi there", system="Be brief."))
+    assert "".join(session.reply("Hi there")) == first
+    # A long conversation keeps only the newest exchanges that fit beside the reply.
+    session.history = [{"role": r, "content": "word " * 20} for r in ("user", "assistant") * 6]
+    ids = session.prompt_ids("last")
+    assert len(ids) <= session.room and ids[-1] == tok.assistant_id
+    with pytest.raises(ValueError, match="at most"):
+        session.prompt_ids("word " * 200)
+
+
+def test_bad_inputs_name_the_problem(tok, run_dir, tmp_path):
+    _, cfg, params = run_dir
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        chat.load_model(str(tmp_path / "missing"), mesh=None)
+    with pytest.raises(ValueError, match="vocab_size"):
+        chat.ChatSession(cfg.replace(vocab_size=100), params, tok)
+    with pytest.raises(ValueError, match="max_len"):
+        chat.ChatSession(cfg, params, tok, max_new_tokens=cfg.max_len)
+    assert chat.default_tokenizer(str(tmp_path)) is None
+    assert chat.default_tokenizer(str(run_dir[0] / "checkpoints")) == str(run_dir[0] / "tokenizer.model")
+
+
+def _chat(args, stdin):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "experiments.chat", *args], input=stdin, capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=120)
+
+
+def _replies(stdout):
+    return [line.split("assistant> ", 1)[1] for line in stdout.splitlines() if "assistant> " in line]
+
+
+def test_scripted_session_over_stdin(run_dir):
+    run, _, _ = run_dir
+    script = "Hello\nWhat is the capital of France?\n\n/reset\nHello\n/exit\nnever read\n"
+    p = _chat([f"--checkpoint={run}", "--temperature=0", "--max_new_tokens=12", "--chunk=4", "--stats"], script)
+    assert p.returncode == 0, p.stderr[-3000:]
+    replies = _replies(p.stdout)
+    assert len(replies) == 3, p.stdout
+    assert "(conversation cleared)" in p.stdout
+    assert replies[2] == replies[0]  # greedy, and /reset brought back the same prompt
+    counts = [int(n) for n in re.findall(r"\[(\d+) tokens in", p.stderr)]
+    assert len(counts) == 3 and all(0 <= n <= 12 for n in counts)
+    assert "never read" not in p.stdout
+
+
+def test_hf_directory_session_ends_at_eof(tok, run_dir, tmp_path):
+    _, cfg, params = run_dir
+    hf.save(cfg, params, tmp_path / "hf")
+    p = _chat([f"--checkpoint={tmp_path / 'hf'}", f"--tokenizer={tok.path}", "--temperature=0.8", "--top_p=0.9",
+               "--max_new_tokens=6", "--chunk=6"], "Hi\nTell me more.\n")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(_replies(p.stdout)) == 2, p.stdout
