@@ -4,6 +4,7 @@ from lm.model import Transformer, count_params, default_positions, init_cache, i
 from lm import presets
 from lm import data, tokenizer
 from lm import hf
+from lm.generate import generate
 
 __all__ = ["ModelConfig", "Transformer", "count_params", "default_positions", "init_cache", "init_params",
            "presets"]

@@ -1,0 +1,166 @@
+"""KV-cache sampling: a jitted prefill + decode loop (`sample`) for PPO rollouts, and `generate` for lists.
+
+`sample` is a pure function of arrays (config and sampling settings are static), so a caller can wrap it
+in `jax.jit` with its own shardings. Prompts are right-padded `[B, P]` with per-row lengths; the decode
+loop is one `lax.while_loop` (no Python loop and no host sync per token) that stops when every row has
+emitted `eos_id` or `max_new_tokens` tokens.
+
+Log-prob convention (PPO): `logprobs[b, t]` is the log-probability of the sampled token under the
+temperature-scaled distribution *before* top-k/top-p, `log_softmax(logits / temperature)` (TRL's choice,
+so they match log-probs recomputed by a plain forward pass at that temperature). `filtered_logprobs=True`
+returns them under the truncated distribution actually drawn from instead. Greedy decoding
+(`temperature=0`) reports `log_softmax(logits)`.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm.config import ModelConfig
+from lm.model import Transformer, init_cache
+from lm.sampling import apply_temperature, top_k_filter, top_p_filter
+
+MIN_BUCKET = 16
+
+
+class SampleOutput(NamedTuple):
+    """Result of `sample`; N = max_new_tokens.
+
+    tokens: int32 [B, N] sampled tokens; after a row's eos (which is kept) the rest are `pad_id`.
+    logprobs: float32 [B, N] log-prob of each sampled token (see the module docstring); 0 where mask is 0.
+    mask: float32 [B, N] 1 for generated tokens (eos included), 0 after.
+    lengths: int32 [B] number of generated tokens per row (`mask.sum(-1)`).
+    """
+    tokens: jax.Array
+    logprobs: jax.Array
+    mask: jax.Array
+    lengths: jax.Array
+
+
+def bucket_length(n: int) -> int:
+    """Padded prompt width for a longest prompt of `n` tokens: the next power of two, at least 16."""
+    return max(MIN_BUCKET, 1 << max(0, int(n) - 1).bit_length())
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], width: int, pad_id: int = 0):
+    """Right-pad token lists into `(tokens int32 [B, width], lengths int32 [B])` NumPy arrays."""
+    tokens = np.full((len(prompts), width), pad_id, np.int32)
+    lengths = np.zeros((len(prompts),), np.int32)
+    for b, p in enumerate(prompts):
+        if len(p) > width:
+            raise ValueError(f"pad_prompts: prompt {b} has {len(p)} tokens, more than width={width}")
+        tokens[b, :len(p)] = p
+        lengths[b] = len(p)
+    return tokens, lengths
+
+
+def _choose(logits, key, temperature, top_k, top_p, filtered_logprobs):
+    """Next token `[B]` and its log-prob from `logits: [B, V]` (float32)."""
+    if temperature == 0.0:
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+    else:
+        scaled = apply_temperature(logits, temperature)
+        filtered = top_p_filter(top_k_filter(scaled, top_k), top_p)
+        token = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+        logp = jax.nn.log_softmax(filtered if filtered_logprobs else scaled, axis=-1)
+    return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id",
+                                             "pad_id", "filtered_logprobs"))
+def sample(cfg: ModelConfig, params, prompt_tokens, prompt_lengths, rng, *, max_new_tokens: int,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: Optional[int] = None,
+           pad_id: int = 0, filtered_logprobs: bool = False) -> SampleOutput:
+    """Sample `max_new_tokens` continuations of right-padded prompts with a KV cache.
+
+    Args:
+      cfg: the model config (static). params: `Transformer(cfg)` parameters.
+      prompt_tokens: int32 `[B, P]`, right-padded. prompt_lengths: int32 `[B]`, each in `[1, P]`.
+      rng: a PRNG key (unused when temperature is 0).
+      max_new_tokens: N, tokens generated per row. temperature: 0 is greedy. top_k: 0 disables.
+      top_p: 1.0 disables. eos_id: a row stops after emitting it (None: never). pad_id: fills finished rows.
+      filtered_logprobs: report log-probs under the top-k/top-p-truncated distribution (default: before it).
+
+    The prompt is prefilled into a cache of length `P + N`; for `cfg.mask == "prefix"` (GLM) it is the
+    bidirectional prefix (`prefix_len = prompt_lengths`) and positions follow `default_positions`. The decode
+    loop then feeds one token per row at that row's own position, starting by re-feeding the last prompt
+    token (at `prompt_lengths - 1`) so every new token comes from the same single-token step.
+    """
+    b, p = prompt_tokens.shape
+    if prompt_lengths.shape != (b,):
+        raise ValueError(f"sample: prompt_lengths has shape {prompt_lengths.shape}, expected ({b},) to match "
+                         f"prompt_tokens {prompt_tokens.shape}")
+    if p + max_new_tokens > cfg.max_len:
+        raise ValueError(f"sample: prompt width {p} + max_new_tokens {max_new_tokens} exceeds cfg.max_len="
+                         f"{cfg.max_len}")
+    if not 0 <= pad_id < cfg.vocab_size:
+        raise ValueError(f"sample: pad_id={pad_id} is not a token id (vocab_size={cfg.vocab_size})")
+    if temperature < 0:
+        raise ValueError(f"sample: temperature must be >= 0, got {temperature}")
+    n = max_new_tokens
+    model = Transformer(cfg)
+    variables = {"params": params}
+    lengths = prompt_lengths.astype(jnp.int32)
+    prefix_len = lengths if cfg.mask == "prefix" else None
+
+    # Prefill; its logits are unused (and so never computed under jit): the loop re-feeds the last token.
+    _, cache = model.apply(variables, prompt_tokens.astype(jnp.int32), prefix_len=prefix_len,
+                           cache=init_cache(cfg, b, p + n))
+
+    def body(state):
+        t, token, cache, done, out_tokens, out_logprobs, out_mask = state
+        logits, cache = model.apply(variables, token[:, None], prefix_len=prefix_len, cache=cache,
+                                    decode_index=lengths - 1 + t)
+        new, logp = _choose(logits[:, 0], jax.random.fold_in(rng, t), temperature, top_k, top_p,
+                            filtered_logprobs)
+        new = jnp.where(done, pad_id, new)
+        out_tokens = out_tokens.at[:, t].set(new)
+        out_logprobs = out_logprobs.at[:, t].set(jnp.where(done, 0.0, logp))
+        out_mask = out_mask.at[:, t].set(jnp.where(done, 0.0, 1.0))
+        if eos_id is not None:
+            done = done | (new == eos_id)
+        return t + 1, new, cache, done, out_tokens, out_logprobs, out_mask
+
+    def cond(state):
+        t, done = state[0], state[3]
+        return (t < n) & ~jnp.all(done)
+
+    last = jnp.take_along_axis(prompt_tokens.astype(jnp.int32), (lengths - 1)[:, None], axis=1)[:, 0]
+    state = (jnp.int32(0), last, cache, jnp.zeros((b,), bool), jnp.full((b, n), pad_id, jnp.int32),
+             jnp.zeros((b, n), jnp.float32), jnp.zeros((b, n), jnp.float32))
+    _, _, _, _, tokens, logprobs, mask = jax.lax.while_loop(cond, body, state)
+    return SampleOutput(tokens, logprobs, mask, jnp.sum(mask, axis=-1).astype(jnp.int32))
+
+
+def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_id: Optional[int] = None,
+             seed: int = 0) -> list[list[int]]:
+    """New tokens for each prompt (a list of token ids, lengths may differ), cut after `eos_id` (kept).
+
+    temperature=0 is greedy. Prompts are right-padded to a power-of-two width (`bucket_length`) so prompts
+    of similar lengths reuse one compiled `sample`.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: prompts must be a non-empty list of non-empty token lists")
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    for b, p in enumerate(prompts):
+        bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"generate: prompt {b} has token ids {bad[:5]} outside [0, {cfg.vocab_size})")
+    longest = max(len(p) for p in prompts)
+    room = cfg.max_len - max_new_tokens
+    if longest > room:
+        raise ValueError(f"generate: longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
+                         f"exceeds cfg.max_len={cfg.max_len}")
+    tokens, lengths = pad_prompts(prompts, min(bucket_length(longest), room))
+    out = sample(cfg, params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
+                 max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
+                 top_p=float(top_p), eos_id=eos_id)
+    new_tokens, new_lengths = jax.device_get((out.tokens, out.lengths))
+    return [row[:n].tolist() for row, n in zip(new_tokens, new_lengths)]
