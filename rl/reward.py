@@ -6,10 +6,15 @@ last non-pad token. Preference batches hold K responses per prompt: `tokens [B, 
 """
 from __future__ import annotations
 
+import json
+import os
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm import checkpoint, sharding
 from lm.config import ModelConfig
 from lm.model import Transformer, init_params
 
@@ -81,6 +86,17 @@ def reward_loss_fn(cfg: ModelConfig):
     return loss_fn
 
 
+def abstract_params(cfg: ModelConfig, head: str, mesh, rules=sharding.RULES):
+    """Sharded `jax.ShapeDtypeStruct`s of `Transformer(cfg, head)`'s params on `mesh` (restore targets)."""
+    def build(rng):
+        tokens = jnp.zeros((1, 8), jnp.int32)
+        return Transformer(cfg, head=head).init(rng, tokens, prefix_len=jnp.zeros((1,), jnp.int32))["params"]
+
+    boxed = jax.eval_shape(build, jax.random.key(0))
+    shardings = sharding.tree_shardings(boxed, mesh, rules)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)
+
+
 def init_from_sft(cfg: ModelConfig, sft_params, rng, head_init: str = "normal"):
     """Scalar-head parameters whose trunk is a copy of `sft_params` and whose `score` head is new.
 
@@ -121,3 +137,30 @@ def score_stats(scores, ranks=None):
     if ranks is not None:
         scores = scores[np.asarray(ranks) >= 0]
     return float(scores.mean()), float(scores.std())
+
+
+NORM_FILE = "reward_norm.json"
+
+
+def save_normalization(workdir: str, mean: float, std: float, count: int) -> str:
+    """Write the score statistics of the SFT policy's responses to `WORKDIR/reward_norm.json`."""
+    path = os.path.join(workdir, NORM_FILE)
+    with open(path, "w") as f:
+        json.dump({"mean": mean, "std": std, "count": count}, f)
+    return path
+
+
+def load(run_dir: str, abstract_params, normalize: bool = True):
+    """A trained reward model's params (the latest checkpoint of `run_dir`), laid out as `abstract_params`.
+
+    With `normalize` and a `reward_norm.json` in the run directory, the head is rescaled (`normalize_head`)
+    so the SFT policy's responses score with mean 0 and std 1.
+    """
+    ckpt = os.path.join(run_dir, "checkpoints")
+    params = checkpoint.load_params(ckpt if os.path.isdir(ckpt) else run_dir, abstract_params)
+    norm = os.path.join(run_dir, NORM_FILE)
+    if normalize and os.path.exists(norm):
+        with open(norm) as f:
+            stats = json.load(f)
+        params = normalize_head(params, stats["mean"], stats["std"])
+    return params
