@@ -372,8 +372,7 @@ def make_steps(cfg: ModelConfig, hp: PPOConfig, tx, shardings, frozen_shardings,
     donate_args = (0,) if donate else ()
     learn_fn = jax.jit(with_rules(do_learn), in_shardings=learn_in, out_shardings=(shardings, None),
                        donate_argnums=donate_args)
-    ptx_sh = {k: rows(2) for k in ("inputs", "targets", "loss_mask")}
-    learn_ptx_fn = jax.jit(with_rules(do_learn), in_shardings=learn_in + (ptx_sh,), out_shardings=(shardings, None),
+    learn_ptx_fn = jax.jit(with_rules(do_learn), in_shardings=learn_in + (rows(1),), out_shardings=(shardings, None),
                            donate_argnums=donate_args)
     return PPOSteps(cfg, hp, mesh, rules, rollout_fn, learn_fn, learn_ptx_fn)
 
