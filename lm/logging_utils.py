@@ -10,7 +10,6 @@ import math
 import os
 from typing import Mapping, Optional
 
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 
@@ -48,6 +47,8 @@ class MetricsLogger:
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
         with open(self.path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
+        from tensorboardX import SummaryWriter  # imported only where used: it pulls in torch when installed
+
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:

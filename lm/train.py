@@ -44,9 +44,9 @@ class TrainState:
     bad_streak: jax.Array
 
 
-def _build_state(build_params: Callable, tx: optax.GradientTransformation, rng) -> TrainState:
+def _build_state(build_params: Callable, tx: optax.GradientTransformation, rng, params=None) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
-    params = build_params(init_rng)
+    params = build_params(init_rng) if params is None else params
     zero = jnp.zeros((), jnp.int32)
     return TrainState(step=zero, params=params, opt_state=tx.init(params), rng=state_rng, skipped=zero,
                       bad_streak=zero)
@@ -65,12 +65,20 @@ def state_shardings(build_params: Callable, tx, mesh: Mesh, rules=sharding.RULES
     return abstract, shardings
 
 
-def init_state(build_params: Callable, tx, rng, mesh: Mesh, rules=sharding.RULES) -> tuple[TrainState, Any]:
-    """A freshly initialised, sharded train state and its shardings (each device builds only its shards)."""
+def init_state(build_params: Callable, tx, rng, mesh: Mesh, rules=sharding.RULES,
+               params=None) -> tuple[TrainState, Any]:
+    """A new sharded train state (each device builds only its shards) and its shardings.
+
+    params: start from these (unboxed) parameters instead of a random init, e.g. pretrained weights.
+    """
     _, shardings = state_shardings(build_params, tx, mesh, rules)
     with jax.set_mesh(mesh):
-        state = jax.jit(lambda r: nn.unbox(_build_state(build_params, tx, r)), out_shardings=shardings)(rng)
-    return state, shardings
+        if params is None:
+            build = jax.jit(lambda r: nn.unbox(_build_state(build_params, tx, r)), out_shardings=shardings)
+            return build(rng), shardings
+        params = jax.device_put(params, shardings.params)
+        build = jax.jit(lambda r, p: _build_state(build_params, tx, r, p), out_shardings=shardings)
+        return build(rng, params), shardings
 
 
 def split_micro_batches(batch, k: int, rules=sharding.RULES):
@@ -130,7 +138,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, shardings
     def step(state: TrainState, batch):
         rng, step_rng = jax.random.split(state.rng)
         grads, metrics = _weighted_grads(loss_fn, state.params, batch, step_rng, micro_batches, rules)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

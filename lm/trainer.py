@@ -79,9 +79,8 @@ def fit(config, workdir: str, *, loss_fn: LossFn, build_params: Callable, train_
     if ckpt.latest_step() is not None:
         state = ckpt.restore(abstract, data_iter=data_iter)
     else:
-        state, _ = init_state(build_params, tx, jax.random.PRNGKey(config.seed), mesh, rules)
-        if init_params is not None:
-            state = state.replace(params=init_params(abstract.params))
+        params = None if init_params is None else init_params(abstract.params)
+        state, _ = init_state(build_params, tx, jax.random.PRNGKey(config.seed), mesh, rules, params)
     start = int(state.step)
 
     step_fn = make_train_step(loss_fn, tx, shardings, mesh, rules=rules, micro_batches=tc.micro_batches,
