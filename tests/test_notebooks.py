@@ -1,0 +1,104 @@
+"""The Colab notebooks: stored clean (nbformat v4, no outputs, one `parameters` cell), and each one runs headless
+on CPU at tiny size (parameters overridden papermill-style: a cell injected after the `parameters` cell)."""
+import math
+import os
+import re
+import sys
+
+import nbformat
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+from nbclient import NotebookClient
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = ("quickstart", "tpu_sharding")
+KERNEL = "chatgpt-jax-tests"
+
+
+def _load(name):
+    return nbformat.read(os.path.join(ROOT, "colab", f"{name}.ipynb"), as_version=4)
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_is_stored_clean(name):
+    nb = _load(name)
+    nbformat.validate(nb)
+    assert nb.nbformat == 4
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    for c in code:
+        assert c.outputs == [] and c.execution_count is None, f"{name}: stored outputs in {c.source[:60]!r}"
+    tagged = [i for i, c in enumerate(code) if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{name}: expected one code cell tagged 'parameters', found {len(tagged)}"
+    # The install cell comes first; the parameter cell holds plain assignments only.
+    assert "pip install" in code[0].source and tagged[0] == 1
+    for line in code[1].source.splitlines():
+        assert not line or line.startswith("#") or re.match(r"^[A-Z_0-9]+ = ", line), line
+
+
+@pytest.fixture(scope="module")
+def kernel_specs(tmp_path_factory):
+    """A kernelspec for this very interpreter in a temporary prefix (nothing is installed for the user)."""
+    from ipykernel.kernelspec import install
+    prefix = tmp_path_factory.mktemp("kernels")
+    install(kernel_name=KERNEL, prefix=str(prefix))
+    return KernelSpecManager(kernel_dirs=[str(prefix / "share" / "jupyter" / "kernels")])
+
+
+def run_notebook(name, params, kernel_specs, timeout=600):
+    """Execute `colab/NAME.ipynb` from the repository root with `params` injected; returns the notebook."""
+    nb = _load(name)
+    i = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    injected = "\n".join(f"{k} = {v!r}" for k, v in params.items())
+    nb.cells.insert(i + 1, nbformat.v4.new_code_cell(injected, metadata={"tags": ["injected-parameters"]}))
+    km = KernelManager(kernel_name=KERNEL, kernel_spec_manager=kernel_specs)
+    NotebookClient(nb, km=km, timeout=timeout, resources={"metadata": {"path": ROOT}}).execute()
+    if os.environ.get("NOTEBOOK_OUTPUT_DIR"):  # keep the executed notebook for a look
+        nbformat.write(nb, os.path.join(os.environ["NOTEBOOK_OUTPUT_DIR"], f"{name}.ipynb"))
+    return nb
+
+
+def _text(nb):
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                   if o.output_type == "stream")
+
+
+def _figures(nb):
+    return sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def _numbers(pattern, text):
+    """Every match of `pattern` in `text` as floats (a tuple per match when it has several groups)."""
+    found = re.findall(pattern, text)
+    return [tuple(map(float, m)) if isinstance(m, tuple) else float(m) for m in found]
+
+
+@pytest.fixture
+def cpu_env(monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+
+def test_quickstart_runs(kernel_specs, cpu_env):
+    from lm import count_params, presets
+    nb = run_notebook("quickstart", {"PRESET": "llama-tiny", "MAX_NEW_TOKENS": 8}, kernel_specs)
+    text = _text(nb)
+    assert f"parameters: {count_params(presets.get('llama-tiny')):,}" in text
+    assert "8 devices" in text and "'fsdp': 4, 'tensor': 2" in text
+    [(total, per_token)] = _numbers(r"log-prob of the generated text: (-?[\d.]+) \((-?[\d.]+) per token", text)
+    assert total < 0 and math.isclose(total / 8, per_token, rel_tol=1e-2, abs_tol=1e-3)
+    assert _numbers(r"max abs difference ([\d.e+-]+)", text)[0] < 1e-4
+    assert _figures(nb) >= 1
+
+
+def test_tpu_sharding_falls_back_to_fake_cpu_devices_and_trains(kernel_specs, cpu_env):
+    params = {"PRESET": "llama-tiny", "N_LAYERS": 0, "STEPS": 4, "BATCH_SIZE": 8, "SEQ_LEN": 32,
+              "MESH_SHAPE": (2, 2, 2), "LR": 3e-3}
+    nb = run_notebook("tpu_sharding", params, kernel_specs)
+    text = _text(nb)
+    assert "on 8 fake CPU devices" in text
+    assert "mesh: {'data': 2, 'fsdp': 2, 'tensor': 2}" in text
+    losses = _numbers(r"step +\d+  loss ([\d.]+)", text)
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0]
+    assert "tokens/s" in text and _figures(nb) >= 1
