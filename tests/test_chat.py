@@ -1,6 +1,7 @@
-"""The chat REPL: streamed replies equal `lm.generate`, the history is templated and trimmed, and scripted
-sessions over stdin (an orbax run directory and a Hugging Face directory) answer every turn and exit 0."""
+"""The chat REPL: streamed replies equal `lm.generate`, the history is templated and trimmed, run and Hugging
+Face directories load onto a mesh, and a scripted session over stdin answers every turn and exits 0."""
 import functools
+import io
 import os
 import re
 import shutil
@@ -13,7 +14,9 @@ import optax
 import pytest
 
 from experiments import chat
-from lm import checkpoint, hf, presets
+from jax.sharding import PartitionSpec as P
+
+from lm import checkpoint, hf, presets, sharding
 from lm.data import format_prompt
 from lm.generate import generate
 from lm.model import init_params
@@ -21,6 +24,8 @@ from lm.tokenizer import Tokenizer
 from lm.train import TrainState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Fields a Hugging Face config.json does not carry (training-time choices).
+HF_UNSTORED = ("init_std", "attention_impl", "remat", "embed_grad_scale")
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +36,12 @@ def tok(tmp_path_factory):
 
 @functools.lru_cache(maxsize=None)
 def _model(name, vocab_size):
-    # A larger init than the default keeps the next-token distribution far from uniform.
-    cfg = presets.get(name, vocab_size=vocab_size, max_len=128, init_std=0.1)
-    return cfg, init_params(cfg, jax.random.key(3))
+    """A tiny model with NumPy-drawn weights (compiling the random init costs more than the tests themselves);
+    their scale, larger than the default init, keeps the next-token distribution far from uniform."""
+    cfg = presets.get(name, vocab_size=vocab_size, max_len=128)
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    rng = np.random.default_rng(3)
+    return cfg, jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
 
 
 @pytest.fixture(scope="module")
@@ -132,10 +140,23 @@ def test_scripted_session_over_stdin(run_dir):
     assert "never read" not in p.stdout
 
 
-def test_hf_directory_session_ends_at_eof(tok, run_dir, tmp_path):
-    _, cfg, params = run_dir
+def test_load_model_reads_run_and_hf_directories(run_dir, tmp_path):
+    run, cfg, params = run_dir
     hf.save(cfg, params, tmp_path / "hf")
-    p = _chat([f"--checkpoint={tmp_path / 'hf'}", f"--tokenizer={tok.path}", "--temperature=0.8", "--top_p=0.9",
-               "--max_new_tokens=6", "--chunk=6"], "Hi\nTell me more.\n")
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert len(_replies(p.stdout)) == 2, p.stdout
+    mesh = sharding.make_mesh((1, -1, 1))
+    for path in (run, run / "checkpoints", tmp_path / "hf"):
+        got_cfg, got = chat.load_model(str(path), mesh)
+        assert got_cfg.to_dict() == {**cfg.to_dict(), **{k: got_cfg.to_dict()[k] for k in HF_UNSTORED}}
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(params))
+        assert got["embed"]["embedding"].sharding.spec == P("tensor", "fsdp")
+
+
+def test_repl_commands_and_end_of_input(tok, run_dir):
+    _, cfg, params = run_dir
+    session = chat.ChatSession(cfg, params, tok, temperature=0.0, max_new_tokens=8, chunk=4)
+    out = io.StringIO()
+    chat.repl(session, io.StringIO("Hi there\n\n/reset\nHi there\n"), out)  # no /exit: input just ends
+    replies = _replies(out.getvalue())
+    assert len(replies) == 2 and replies[0] == replies[1]
+    assert out.getvalue().count("you> ") == 5 and out.getvalue().endswith("you> \n")
+    assert len(session.history) == 2
