@@ -83,7 +83,8 @@ def train(config, workdir: str, *, model_cfg: ModelConfig, tokenizer: Tokenizer,
 
     sft_dir / reward_dir: run directories (or their `checkpoints/`) of the SFT and reward-model stages.
     ptx_data: a grain IterDataset of LM batches (`config.ptx.batch_size` rows); needed when ppo.ptx_coef > 0.
-    on_iteration: optional `f(iteration, metrics: dict of floats, out: SampleOutput)`, e.g. for evaluation.
+    on_iteration: optional `f(iteration, metrics: dict of floats, out: SampleOutput, prompt_batch)`, e.g. for
+      evaluation; prompt_batch holds this iteration's prompts (`tokens [B, P]`, `lengths [B]`).
     Returns the final state. Stops with `rl.ppo_trainer.NonFiniteError` after `ppo.max_bad_iterations`
     bad iterations in a row.
     """
@@ -142,7 +143,7 @@ def train(config, workdir: str, *, model_cfg: ModelConfig, tokenizer: Tokenizer,
                 log.write(it, m)
             log.progress(1, {"score": f"{m['score']:.3f}", "kl": f"{m['kl']:.3f}"})
             if on_iteration is not None:
-                on_iteration(it, m, out)
+                on_iteration(it, m, out, prompt_batch)
             save(ckpt, it, state, data_iter, meta, force=it == tc.steps)
         ckpt.wait()
     finally:
