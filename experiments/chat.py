@@ -65,24 +65,37 @@ def default_tokenizer(path: str) -> Optional[str]:
     return candidate if os.path.isfile(candidate) else None
 
 
+def _abstract_params(cfg: ModelConfig, mesh, rules, head: str = "lm"):
+    """ShapeDtypeStructs (with shardings on `mesh`) of `Transformer(cfg, head)` parameters."""
+    boxed = jax.eval_shape(experiments.build_params(cfg, head), jax.random.key(0))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed),
+                        sharding.tree_shardings(boxed, mesh, rules))
+
+
 def load_model(path: str, mesh, rules=CHAT_RULES, step: Optional[int] = None) -> tuple[ModelConfig, dict]:
-    """`(cfg, params)` of an orbax run directory or a Hugging Face directory, params laid out on `mesh`."""
+    """`(cfg, params)` of a language model laid out on `mesh`, from a run directory or a Hugging Face directory.
+
+    A run directory of any policy stage works (pretrain, SFT, DPO; from PPO the actor is taken); a reward
+    model's run is refused, having no language-model head.
+    """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--checkpoint={path}: no such directory")
     if is_hf_dir(path):
         cfg, host_params = hf.load(path)
-    else:
-        ckpt = experiments.checkpoint_dir(path)
-        meta = checkpoint.load_meta(ckpt, step)
-        if "model" not in meta:
-            raise ValueError(f"checkpoint {ckpt} has no model config in its metadata (key 'model')")
-        cfg, host_params = ModelConfig.from_dict(meta["model"]), None
-    boxed = jax.eval_shape(experiments.build_params(cfg), jax.random.key(0))
-    shardings = sharding.tree_shardings(boxed, mesh, rules)
-    if host_params is not None:
-        return cfg, jax.device_put(host_params, shardings)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed),
-                            shardings)
+        abstract = _abstract_params(cfg, mesh, rules)
+        return cfg, jax.device_put(host_params, jax.tree.map(lambda a: a.sharding, abstract))
+    ckpt = experiments.checkpoint_dir(path)
+    meta = checkpoint.load_meta(ckpt, step)
+    if "model" not in meta:
+        raise ValueError(f"checkpoint {ckpt} has no model config in its metadata (key 'model')")
+    if meta.get("head", "lm") != "lm":
+        raise ValueError(f"checkpoint {ckpt} is a reward model ({meta['head']} head, stage "
+                         f"{meta.get('stage')!r}); chat needs a policy: a pretrain, SFT, PPO or DPO run")
+    cfg = ModelConfig.from_dict(meta["model"])
+    abstract = _abstract_params(cfg, mesh, rules)
+    if meta.get("stage") == "ppo":  # params hold {"actor", "critic"}; the critic is read and dropped
+        both = {"actor": abstract, "critic": _abstract_params(cfg, mesh, rules, head="scalar")}
+        return cfg, checkpoint.load_params(ckpt, both, step)["actor"]
     return cfg, checkpoint.load_params(ckpt, abstract, step)
 
 

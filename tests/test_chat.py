@@ -8,11 +8,13 @@ import shutil
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import numpy as np
 import optax
 import pytest
 
+import experiments
 from experiments import chat
 from jax.sharding import PartitionSpec as P
 
@@ -44,18 +46,23 @@ def _model(name, vocab_size):
     return cfg, jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
 
 
+def _save(directory, params, meta):
+    """An orbax checkpoint as the training stages write it (params, optimiser state, metadata)."""
+    tx = optax.adam(1e-3)
+    zero = np.zeros((), np.int32)
+    state = TrainState(step=zero, params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(0),
+                       skipped=zero, bad_streak=zero)
+    ckpt = checkpoint.Checkpointer(str(directory / "checkpoints"), async_save=False)
+    ckpt.save(1, state, meta=meta, force=True)
+    ckpt.close()
+
+
 @pytest.fixture(scope="module")
 def run_dir(tok, tmp_path_factory):
     """A run directory as the training stages leave it: tokenizer.model and an orbax checkpoint with meta."""
     run = tmp_path_factory.mktemp("run")
     cfg, params = _model("llama-tiny", tok.vocab_size)
-    tx = optax.adam(1e-3)
-    zero = np.zeros((), np.int32)
-    state = TrainState(step=zero, params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(0),
-                       skipped=zero, bad_streak=zero)
-    ckpt = checkpoint.Checkpointer(str(run / "checkpoints"), async_save=False)
-    ckpt.save(1, state, meta={"model": cfg.to_dict(), "stage": "sft"}, force=True)
-    ckpt.close()
+    _save(run, params, {"model": cfg.to_dict(), "stage": "sft"})
     shutil.copyfile(tok.path, run / "tokenizer.model")
     return run, cfg, params
 
@@ -140,15 +147,21 @@ def test_scripted_session_over_stdin(run_dir):
     assert "never read" not in p.stdout
 
 
-def test_load_model_reads_run_and_hf_directories(run_dir, tmp_path):
+def test_load_model_reads_run_ppo_and_hf_directories(run_dir, tmp_path):
     run, cfg, params = run_dir
     hf.save(cfg, params, tmp_path / "hf")
+    shapes = nn.unbox(jax.eval_shape(experiments.build_params(cfg, "scalar"), jax.random.key(0)))
+    critic = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    _save(tmp_path / "ppo", {"actor": params, "critic": critic}, {"model": cfg.to_dict(), "stage": "ppo"})
     mesh = sharding.make_mesh((1, -1, 1))
-    for path in (run, run / "checkpoints", tmp_path / "hf"):
+    for path in (run, run / "checkpoints", tmp_path / "hf", tmp_path / "ppo"):
         got_cfg, got = chat.load_model(str(path), mesh)
         assert got_cfg.to_dict() == {**cfg.to_dict(), **{k: got_cfg.to_dict()[k] for k in HF_UNSTORED}}
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(params))
         assert got["embed"]["embedding"].sharding.spec == P("tensor", "fsdp")
+    _save(tmp_path / "rm", critic, {"model": cfg.to_dict(), "stage": "reward", "head": "scalar"})
+    with pytest.raises(ValueError, match="reward model"):
+        chat.load_model(str(tmp_path / "rm"), mesh)
 
 
 def test_repl_commands_and_end_of_input(tok, run_dir):
