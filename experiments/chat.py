@@ -1,7 +1,7 @@
 """Chat with a trained model in the terminal, with the chat template SFT trained on; replies stream as generated.
 
   python -m experiments.chat --checkpoint=runs/pipeline/ppo [--tokenizer=PATH] [--temperature=0.7]
-      [--top_k=0] [--top_p=0.9] [--max_new_tokens=256] [--system="You are a helpful assistant."]
+      [--top_k=0] [--top_p=0.9] [--max_new_tokens=256] [--system="You are a helpful assistant."] [--stats]
 
 `--checkpoint` is a run directory (or its `checkpoints/`) of any stage, whose metadata holds the model config,
 or a Hugging Face directory (`config.json` + safetensors, read with lm.hf). The tokenizer defaults to the
@@ -14,6 +14,7 @@ jitted `lax.scan` (compiled once per setting), and the text decoded so far is pr
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import sys
@@ -53,8 +54,14 @@ CHAT_RULES = tuple((name, None if name == "batch" else axes) for name, axes in s
 
 
 def is_hf_dir(path: str) -> bool:
-    """True when `path` holds a Hugging Face checkpoint (config.json naming its architecture)."""
-    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints"))
+    """True when `path` holds a Hugging Face checkpoint: a config.json naming its architecture or model type
+    (a run directory's config.json is the run config)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and ("architectures" in config or "model_type" in config)
 
 
 def default_tokenizer(path: str) -> Optional[str]:

@@ -2,6 +2,7 @@
 Face directories load onto a mesh, and a scripted session over stdin answers every turn and exits 0."""
 import functools
 import io
+import json
 import os
 import re
 import shutil
@@ -64,6 +65,7 @@ def run_dir(tok, tmp_path_factory):
     cfg, params = _model("llama-tiny", tok.vocab_size)
     _save(run, params, {"model": cfg.to_dict(), "stage": "sft"})
     shutil.copyfile(tok.path, run / "tokenizer.model")
+    (run / "config.json").write_text(json.dumps({"seed": 0, "init_from": "", "model": {"preset": "llama-tiny"}}))
     return run, cfg, params
 
 
