@@ -159,8 +159,8 @@ def _query_range(c: _Static, k_block, prefix):
         start, full = 0, 0
     if c.has_segments:
         full = c.nq
-    if c.key_padding:
-        full = jnp.where(k_first + c.block_k > c.seq_k, c.nq, full)
+    elif c.key_padding:  # arithmetic, not a select: Triton mis-types a select between two constants
+        full = jnp.maximum(full, (k_first + c.block_k > c.seq_k).astype(jnp.int32) * c.nq)
     return start, jnp.minimum(full, -(-c.seq_q // c.block_q))
 
 

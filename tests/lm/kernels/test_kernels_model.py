@@ -1,0 +1,74 @@
+"""Whole tiny models with `attention_impl="pallas"` (interpret mode on CPU) against `"xla"`."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm import presets
+from lm.generate import generate
+from lm.model import Transformer, init_params
+
+B, T = 2, 24
+
+
+def _params(cfg, seed):
+    """Random parameters of the right tree and shapes, drawn in NumPy (an eager flax init costs seconds of
+    compiles on CPU); norm scales near 1, everything else N(0, 0.1^2) so that biases are non-zero."""
+    rng = np.random.RandomState(seed)
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+    def draw(path, leaf):
+        base = 1.0 if "scale" in jax.tree_util.keystr(path) else 0.0
+        return jnp.asarray(base + 0.1 * rng.standard_normal(leaf.shape), leaf.dtype)
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def _batch(cfg):
+    rng = np.random.RandomState(0)
+    tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (B, T)), jnp.int32)
+    kw = {}
+    if cfg.mask == "prefix":
+        kw["prefix_len"] = jnp.array([5, 17], jnp.int32)
+    else:  # packed rows: two sequences in the first, one plus padding (id 0) in the second
+        kw["segment_ids"] = jnp.asarray([[1] * 10 + [2] * 14, [1] * 19 + [0] * 5], jnp.int32)
+    return tokens, kw
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits_and_grads(cfg, params, tokens, kw):
+    def loss(p):
+        logits = Transformer(cfg).apply({"params": p}, tokens, **kw)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., :8] ** 2), logits
+    return jax.grad(loss, has_aux=True)(params)
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "bloom-tiny", "glm-tiny"])
+def test_same_logits_and_gradients(name):
+    cfg = presets.get(name)
+    params = _params(cfg, 0)
+    tokens, kw = _batch(cfg)
+    grads, logits = _logits_and_grads(cfg, params, tokens, kw)
+    p_grads, p_logits = _logits_and_grads(cfg.replace(attention_impl="pallas"), params, tokens, kw)
+    np.testing.assert_allclose(p_logits, logits, atol=1e-5, rtol=0)
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(grads))
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        pg = p_grads
+        for key in path:
+            pg = pg[key.key]
+        # 1e-5 of each leaf's own scale; the key bias has a true gradient of zero (softmax ignores a shift
+        # shared by all keys), so its float noise is bounded by the scale of the whole gradient instead.
+        atol = 1e-5 * float(jnp.max(jnp.abs(g))) + 1e-6 * scale
+        np.testing.assert_allclose(pg, g, atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+def test_greedy_generation_same_tokens():
+    """LLaMA-tiny (GQA, RoPE): prefill through flash attention, then one decode_attention call per token."""
+    cfg = presets.get("llama-tiny")
+    params = _params(cfg, 1)
+    prompts = [[5, 17, 99, 3], [250, 8, 41, 7, 7, 300, 12, 64, 2], [11]]
+    want = generate(cfg, params, prompts, 6)
+    got = generate(cfg.replace(attention_impl="pallas"), params, prompts, 6)
+    assert got == want
+    assert [len(row) for row in got] == [6, 6, 6]
