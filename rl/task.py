@@ -3,8 +3,9 @@
 The knowledge base `data/qa/facts.tsv` holds one fact per line, `relation<TAB>subject<TAB>answer`
 (capitals, continents, languages, chemical symbols, atomic numbers, mountain heights, river mouths,
 inventors, authors, superlatives). From it, `build_data` derives, deterministically:
-  - pretraining text that states every fact in several phrasings (held-out facts included, so a policy
-    can know the answers to the evaluation questions);
+  - pretraining text that states every fact in several phrasings, in short paragraphs about one subject
+    (held-out facts included, so a policy can know the answers to the evaluation questions), plus quiz
+    paragraphs (question, complete answer) over the SFT facts only;
   - SFT demonstrations `{prompt, response}` that mix answer styles the way uneven human demonstrations
     would: a complete sentence, a bare name, an evasive reply, or a wrong answer;
   - prompt sets for preference data / PPO (`rl`), for the reward model's held-out accuracy (`rm_eval`)
@@ -43,6 +44,7 @@ SPLITS = (("sft", 0.36), ("rl", 0.20), ("rm_eval", 0.08), ("eval", 0.36))
 # Answer styles of the SFT demonstrations and their shares: room is left for RLHF to improve the policy.
 SFT_STYLES = (("complete", 0.25), ("bare", 0.35), ("evasive", 0.25), ("wrong_complete", 0.075),
               ("wrong_bare", 0.075))
+QUIZ_SIZE = 4  # questions per quiz paragraph of the pretraining text
 EVASIVE = ("I am not sure.", "I do not know.", "Sorry, I cannot answer that.", "That is a good question.",
            "It is hard to say.", "I would rather not guess.")
 WEIGHTS = {"correct": 6, "complete": 3, "both": 1}  # tenths of the score (integers keep 1.0 exact)
@@ -55,6 +57,7 @@ class Relation:
     answer: str  # the complete answer sentence the SFT demonstrations use
     statements: tuple  # pretraining sentences (the first is `answer`)
     numeric: bool = False  # answers are integers (every integer in a response is a candidate)
+    entity: str = "{s}"  # how text names the subject (e.g. "the {s}" for rivers)
 
 
 RELATIONS = {
@@ -89,7 +92,8 @@ RELATIONS = {
     "river_mouth": Relation(
         ("Into which sea does the {s} flow?", "Where does the {s} river end?"),
         "The {s} flows into the {o}.",
-        ("The {s} flows into the {o}.", "The {s} river ends in the {o}.", "The mouth of the {s} is on the {o}.")),
+        ("The {s} flows into the {o}.", "The {s} river ends in the {o}.", "The mouth of the {s} is on the {o}."),
+        entity="the {s}"),
     "inventor": Relation(
         ("Who invented {s}?", "Who was the inventor of {s}?"),
         "{s} was invented by {o}.",
@@ -248,13 +252,22 @@ class QATask:
         for fact in self.facts:
             by_subject.setdefault(fact.subject, []).append(fact)
         pretrain = []
-        for facts in by_subject.values():  # one paragraph per subject and phrasing round
+        for subject, facts in by_subject.items():  # one paragraph per subject and phrasing round
             rounds = max(len(RELATIONS[f.relation].statements) for f in facts)
             for r in range(rounds):
                 sentences = [fill(RELATIONS[f.relation].statements[r % len(RELATIONS[f.relation].statements)], f)
                              for f in facts]
                 rng.shuffle(sentences)
-                pretrain.append(" ".join(sentences))
+                # A header naming the subject, as in an encyclopedia entry: the sentences then repeat it, as
+                # a complete answer repeats the question's subject.
+                name = RELATIONS[facts[0].relation].entity.format(s=subject)
+                pretrain.append(f"About {name}: " + " ".join(sentences))
+        # Quiz sheets over the SFT facts only: question/answer text is common on the web, and it teaches the
+        # model to read a question. No question of the other splits appears anywhere in training text.
+        quiz = [f"Question: {fill(q, f)} Answer: {fill(RELATIONS[f.relation].answer, f)}"
+                for f in self.facts if split[f] == "sft" for q in RELATIONS[f.relation].questions]
+        rng.shuffle(quiz)
+        pretrain += ["Quiz. " + " ".join(quiz[i:i + QUIZ_SIZE]) for i in range(0, len(quiz), QUIZ_SIZE)]
         rng.shuffle(pretrain)
 
         answers = {rel: sorted({f.answer for f in self.facts if f.relation == rel}) for rel in RELATIONS}
@@ -294,7 +307,7 @@ def write_data(root: str = DATA_DIR, facts_file: str = FACTS_FILE, seed: int = 0
     paths = data_files(root)
     os.makedirs(paths["pretrain"], exist_ok=True)
     with open(os.path.join(paths["pretrain"], "facts.txt"), "w", encoding="utf-8") as f:
-        f.write("\n".join(data["pretrain"]) + "\n")
+        f.write("\n\n".join(data["pretrain"]) + "\n")  # documents are separated by blank lines
     for name in ("sft", "rl", "rm_eval", "eval"):
         with open(paths[name], "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in data[name])

@@ -104,6 +104,10 @@ def test_splits_are_disjoint_and_eval_is_large(t, data):
     text = "\n".join(data["pretrain"])
     for fact in facts_of["eval"]:  # a policy can know every held-out answer from pretraining
         assert qa.fill(qa.RELATIONS[fact.relation].statements[0], fact) in text
+    for name in ("rl", "rm_eval", "eval"):  # but no training text asks another split's questions
+        for fact in facts_of[name]:
+            for q in qa.RELATIONS[fact.relation].questions:
+                assert qa.fill(q, fact) not in text
 
 
 def test_sft_styles_leave_room_for_rlhf(t, data):

@@ -1,0 +1,114 @@
+"""The whole ChatGPT recipe on the bundled QA task (rl.task): `python -m experiments.pipeline
+--config=configs/pipeline.py:tiny --workdir=DIR`.
+
+Stages, each in `DIR/<stage>` and skipped when already done: tokenizer -> pretrain -> sft -> samples (K
+responses per prompt from the SFT model, ranked by the labeler) -> reward -> ppo and dpo -> eval. The
+`pretrain`, `sft`, `reward`, `ppo` and `dpo` sections are those stages' own configs (configs/<stage>.py)
+with the pipeline's choices applied; the pipeline fills in their data paths and `init_from` links.
+Presets: `tiny` (the CPU demo, about 15 minutes on two cores).
+"""
+import ml_collections as mlc
+
+from configs import dpo, ppo, pretrain, reward, sft
+
+PRESETS = ("tiny",)
+
+
+def task():
+    c = mlc.ConfigDict()
+    c.data_dir = "data/qa"  # the task's bundled data (rl.task.data_files): pretrain/, sft.jsonl, *_prompts.jsonl
+    return c
+
+
+def tokenizer(vocab_size: int):
+    c = mlc.ConfigDict()
+    c.vocab_size = vocab_size  # pieces of the BPE tokenizer trained on the pretraining text and SFT data
+    return c
+
+
+def samples(k: int, temperature: float, max_new_tokens: int):
+    c = mlc.ConfigDict()
+    c.k = k  # responses sampled from the SFT model per prompt, then ranked by the labeler (InstructGPT: 4-9)
+    c.temperature = temperature  # sampling temperature of those responses (1.0 = the SFT policy itself)
+    c.max_new_tokens = max_new_tokens  # longest response, in tokens
+    c.batch_size = 128  # prompts per generation call
+    return c
+
+
+def evaluation(temperature: float, max_new_tokens: int):
+    c = mlc.ConfigDict()
+    c.temperature = temperature  # decoding temperature of every policy on the held-out prompts (PPO's)
+    c.max_new_tokens = max_new_tokens  # longest response, in tokens
+    c.batch_size = 128  # prompts per generation call
+    c.examples = 5  # held-out prompts whose SFT / PPO / DPO answers the table prints
+    c.seed = 1234  # sampling seed, the same for every policy
+    return c
+
+
+def _model(c, d_model: int, n_layers: int, n_heads: int, d_ff: int, max_len: int, vocab_size: int):
+    """The policy architecture (set on the pretraining stage; later stages read it from their init run)."""
+    o = c.model.overrides
+    o.d_model, o.n_layers, o.n_heads, o.n_kv_heads, o.d_ff = d_model, n_layers, n_heads, n_heads, d_ff
+    o.max_len, o.vocab_size = max_len, vocab_size
+
+
+def get_config(preset: str = "tiny"):
+    """The pipeline config of `preset` (one of PRESETS)."""
+    if preset != "tiny":
+        raise ValueError(f"unknown pipeline preset {preset!r}; choose one of {PRESETS}")
+    c = mlc.ConfigDict()
+    c.seed = 0  # seed of every stage
+    c.task = task()
+    c.tokenizer = tokenizer(vocab_size=1024)
+
+    c.pretrain = pretrain.get_config("tiny")
+    _model(c.pretrain, d_model=128, n_layers=4, n_heads=4, d_ff=512, max_len=128, vocab_size=1024)
+    c.pretrain.train.steps = 600  # ~100 passes over the ~25k-token fact corpus
+    c.pretrain.train.batch_size = 32
+    c.pretrain.data.seq_len = 64
+    c.pretrain.optim.lr = 3e-3
+    c.pretrain.train.eval_every = 0  # the corpus is the knowledge itself: no held-out text
+    c.pretrain.data.eval_fraction = 0.0
+
+    c.sft = sft.get_config("tiny")
+    c.sft.train.steps = 100  # ~5 epochs of the ~600 demonstrations; more overfits the tiny model
+    c.sft.train.batch_size = 32
+    c.sft.data.seq_len = 64
+    c.sft.optim.lr = 3e-4
+    c.sft.train.eval_every = 0
+    c.sft.data.eval_fraction = 0.0  # the held-out prompts are other facts (eval stage)
+
+    c.samples = samples(k=4, temperature=1.0, max_new_tokens=24)
+
+    c.reward = reward.get_config("tiny")
+    c.reward.train.steps = 150
+    c.reward.train.batch_size = 16
+    c.reward.data.seq_len = 64
+    c.reward.data.k = 4
+    c.reward.optim.lr = 3e-4
+    c.reward.train.eval_every = 0  # held-out accuracy is measured by the eval stage on unseen facts
+    c.reward.data.eval_fraction = 0.0
+
+    c.ppo = ppo.get_config("tiny")
+    c.ppo.train.steps = 60
+    c.ppo.train.batch_size = 32
+    c.ppo.ppo.response_length = 24
+    c.ppo.data.prompt_len = 32
+
+    c.dpo = dpo.get_config("tiny")
+    c.dpo.train.steps = 100
+    c.dpo.train.batch_size = 16
+    c.dpo.data.seq_len = 64
+    c.dpo.data.k = 4
+    c.dpo.train.eval_every = 0
+    c.dpo.data.eval_fraction = 0.0
+
+    c.eval = evaluation(temperature=0.7, max_new_tokens=24)
+    c.eval.temperature = c.ppo.ppo.get_ref("temperature")
+    for stage in (c.sft, c.reward, c.ppo, c.dpo):  # the model is the pretraining run's (read from init_from)
+        for field in stage.model.overrides:
+            stage.model.overrides[field] = None
+    for stage in (c.pretrain, c.sft, c.reward, c.ppo, c.dpo):
+        stage.seed = c.get_ref("seed")
+        stage.checkpoint.every_steps = 0  # one checkpoint at the end: a rerun skips finished stages
+    return c
