@@ -25,7 +25,7 @@ def model(preset: str) -> mlc.ConfigDict:
     c.preset = preset  # an lm.presets name (llama-7b, bloom-7b1, glm-6b, llama-tiny, ...)
     # Any lm.config.ModelConfig field (documented there), e.g. n_layers, dtype="bfloat16", remat="full";
     # None keeps the preset's value.
-    c.overrides = mlc.ConfigDict({f.name: _placeholder(f) for f in dataclasses.fields(ModelConfig)})
+    c.overrides = mlc.ConfigDict({f.name: _placeholder(f) for f in dataclasses.fields(ModelConfig)})  # see above
     return c
 
 
@@ -35,7 +35,7 @@ def mesh(shape=(1, -1, 1)) -> mlc.ConfigDict:
     c.axes = ("data", "fsdp", "tensor")  # mesh axis names (the rules below refer to them)
     # Logical axis -> mesh axes ("a,b" for several, "" replicated); first match wins when a tensor would use
     # one mesh axis twice. A dim its mesh axes do not divide is replicated (with a warning).
-    c.rules = mlc.ConfigDict()
+    c.rules = mlc.ConfigDict()  # one entry per logical axis name used by lm.model
     c.rules.batch = "data,fsdp"  # rows of a batch: data parallel and FSDP
     c.rules.embed = "fsdp"  # model width: parameters split ZeRO-3 style
     c.rules.heads = "tensor"  # query heads: tensor parallel
@@ -98,10 +98,10 @@ def base(*, model_preset: str, steps: int, batch_size: int, lr: float, warmup_st
     c = mlc.ConfigDict()
     c.seed = 0  # parameter init, data shuffling and the per-step RNG
     c.init_from = ""  # a run directory (or its checkpoints/) whose parameters start this run; "" = random init
-    c.model = model(model_preset)
-    c.mesh = mesh(mesh_shape)
-    c.optim = optim(lr, warmup_steps)
-    c.train = train(steps, batch_size, log_every=log_every, eval_every=eval_every)
-    c.checkpoint = checkpoint(checkpoint_every)
-    c.distributed = distributed()
+    c.model = model(model_preset)  # which Transformer: preset + overrides
+    c.mesh = mesh(mesh_shape)  # device mesh and logical-axis rules
+    c.optim = optim(lr, warmup_steps)  # AdamW, schedule, clipping
+    c.train = train(steps, batch_size, log_every=log_every, eval_every=eval_every)  # the loop
+    c.checkpoint = checkpoint(checkpoint_every)  # orbax saving
+    c.distributed = distributed()  # multi-process setup
     return c

@@ -30,24 +30,24 @@ def get_config(preset: str = "tiny"):
     if preset in ("tiny", "glm-tiny"):
         c = common.base(model_preset="llama-tiny" if preset == "tiny" else "glm-tiny", steps=300, batch_size=8,
                         lr=3e-3, warmup_steps=30, checkpoint_every=100, log_every=10, eval_every=100)
-        c.data = data("causal" if preset == "tiny" else "glm", seq_len=128, vocab_size=2048)
+        c.data = data("causal" if preset == "tiny" else "glm", seq_len=128, vocab_size=2048)  # what to read and how
         c.model.overrides.vocab_size = 2048  # the bundled English + Chinese text needs ~1,300 pieces
     elif preset == "llama-7b":
         # LLaMA-7B: 4M-token batches (2048 x 2048), lr 3e-4, 2000 warmup steps, cosine to 10%, 1T tokens.
         c = common.base(model_preset="llama-7b", steps=250_000, batch_size=2048, lr=3e-4, warmup_steps=2000,
                         checkpoint_every=1000, log_every=10, eval_every=1000)
-        c.data = data("causal", seq_len=2048, vocab_size=32000)
+        c.data = data("causal", seq_len=2048, vocab_size=32000)  # what to read and how
     elif preset == "bloom-7b1":
         # BLOOM-7b1: 512 x 2048 tokens per batch, lr 1.2e-4, ~375M warmup tokens, cosine to 10%.
         c = common.base(model_preset="bloom-7b1", steps=330_000, batch_size=512, lr=1.2e-4, warmup_steps=360,
                         checkpoint_every=1000, log_every=10, eval_every=1000)
-        c.data = data("causal", seq_len=2048, vocab_size=250880)
+        c.data = data("causal", seq_len=2048, vocab_size=250880)  # what to read and how
     elif preset == "glm-6b":
         # ChatGLM-6B's pretraining recipe is unpublished; these follow GLM-130B's (lr 8e-5, blank infilling
         # with [MASK] and [gMASK]) at a smaller batch.
         c = common.base(model_preset="glm-6b", steps=200_000, batch_size=1024, lr=8e-5, warmup_steps=2000,
                         checkpoint_every=1000, log_every=10, eval_every=1000)
-        c.data = data("glm", seq_len=2048, vocab_size=130528)
+        c.data = data("glm", seq_len=2048, vocab_size=130528)  # what to read and how
     else:
         raise ValueError(f"unknown pretrain preset {preset!r}; choose one of {PRESETS}")
     if preset not in ("tiny", "glm-tiny"):

@@ -28,14 +28,14 @@ def get_config(preset: str = "tiny"):
     if preset == "tiny":
         c = common.base(model_preset="llama-tiny", steps=200, batch_size=8, lr=1e-3, warmup_steps=20,
                         checkpoint_every=100, log_every=10, eval_every=100)
-        c.data = data(seq_len=128)
+        c.data = data(seq_len=128)  # what to read and how
         c.model.overrides.vocab_size = 2048  # as configs/pretrain.py:tiny (ignored with init_from: that run's model)
     elif preset in ("llama-7b", "bloom-7b1", "glm-6b"):
         # Alpaca / InstructGPT-style SFT: lr 2e-5, batch 128, cosine, about 3 epochs of ~50k examples.
         c = common.base(model_preset=preset, steps=1200, batch_size=128, lr=2e-5, warmup_steps=40,
                         checkpoint_every=200, log_every=10, eval_every=200)
         c.optim.weight_decay = 0.0  # common for short fine-tunes
-        c.data = data(seq_len=2048)
+        c.data = data(seq_len=2048)  # what to read and how
         c.model.overrides.dtype = "bfloat16"  # bf16 matmuls, f32 params, norms and losses
         c.model.overrides.remat = "full"  # recompute each block in the backward pass
     else:

@@ -7,6 +7,7 @@ holds the model config), so the next stage can start from it with `--config.init
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -40,19 +41,39 @@ def _unknown_override(config, argv) -> Optional[str]:
     return None
 
 
+def _load_config(argv):
+    """The config that `--config=FILE[:PRESET]` in argv names (None if absent or unloadable)."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None:
+        return None
+    path, _, preset = spec.partition(":")
+    try:
+        loader = importlib.util.spec_from_file_location("_launcher_config", path)
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+        return module.get_config(preset) if preset else module.get_config()
+    except Exception:  # the flag parser reports the config file's own errors
+        return None
+
+
 def parse_flags(argv):
     """absl flag parsing that turns a bad `--config.x.y=` into one clear line instead of a traceback."""
     try:
         return flags.FLAGS(argv)
     except Exception as e:  # ml_collections raises KeyError/AttributeError/ValueError from deep inside
-        config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+        config = _load_config(argv)
         message = (config is not None and _unknown_override(config, argv)) or f"{type(e).__name__}: {e}"
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
 def run(main) -> None:
-    """`absl.app.run(main)` with the clear config-override errors of `parse_flags`."""
+    """`absl.app.run(main)` with the clear config-override errors of `parse_flags`.
+
+    Logging defaults to warnings only (orbax logs every save at INFO), keeping the progress bar readable;
+    `--verbosity=0` brings INFO back.
+    """
+    flags.FLAGS.set_default("verbosity", -1)
     app.run(main, flags_parser=parse_flags)
 
 

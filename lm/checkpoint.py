@@ -32,6 +32,14 @@ def _train_item(state: TrainState) -> dict:
             "bad_streak": state.bad_streak}
 
 
+def _with_sharding(abstract):
+    """Give leaves without a sharding the first local device (orbax would otherwise reuse the saved layout,
+    which fails when the checkpoint came from another topology, e.g. a multi-process run)."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda a: a if getattr(a, "sharding", None) is not None
+                        else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+
+
 def check_shapes(saved, expected, where: str) -> None:
     """Raise a ValueError naming every tensor whose saved shape differs from (or is missing in) `expected`."""
     def flat(tree):
@@ -107,7 +115,7 @@ def latest_step(directory: str) -> Optional[int]:
     """Newest committed step in a checkpoint directory (None if there is none)."""
     if not os.path.isdir(directory):
         return None
-    mngr = _manager(directory, read_only=True)
+    mngr = _manager(directory, create=False)
     try:
         return mngr.latest_step()
     finally:
@@ -118,18 +126,20 @@ def load_params(directory: str, abstract_params, step: Optional[int] = None):
     """Only the parameters of a checkpoint (e.g. SFT starting from pretraining), laid out as `abstract_params`.
 
     directory: a run's checkpoint directory (`WORKDIR/checkpoints`); a clear error if it holds none or if
-    the saved tensors do not have the shapes of `abstract_params`.
+    the saved tensors do not have the shapes of `abstract_params`. Leaves of `abstract_params` without a
+    sharding are loaded onto the first local device.
     """
     directory = os.path.abspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoint directory at {directory}")
-    mngr = _manager(directory, read_only=True)
+    mngr = _manager(directory, create=False)
     try:
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no committed checkpoint in {directory}")
         check_shapes(mngr.item_metadata(step)["params"].tree, abstract_params, f"{directory}/{step}")
-        return mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))["params"]
+        target = ocp.args.StandardRestore(_with_sharding(abstract_params))
+        return mngr.restore(step, args=ocp.args.Composite(params=target))["params"]
     finally:
         mngr.close()
 
@@ -137,7 +147,7 @@ def load_params(directory: str, abstract_params, step: Optional[int] = None):
 def load_meta(directory: str, step: Optional[int] = None) -> dict:
     """The JSON metadata (model config, run config) of a checkpoint directory's `step` (default: latest)."""
     directory = os.path.abspath(directory)
-    mngr = _manager(directory, read_only=True)
+    mngr = _manager(directory, create=False)
     try:
         step = mngr.latest_step() if step is None else step
         if step is None:

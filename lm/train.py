@@ -129,6 +129,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, shardings
                     donate: bool = True) -> Callable:
     """`step(state, batch) -> (state, metrics)`, jitted with the state's shardings and donated state.
 
+    `step.lower(abstract_state, abstract_batch)` lowers it without running (ahead-of-time checks).
+
     loss_fn: `(params, batch, rng) -> (loss, metrics)`; metrics are scalars, optionally with `weight`.
     shardings: the state's shardings (from `init_state`); batch arrays are split along `batch` over the
       mesh. The step adds `grad_norm`, `lr` (when `lr_schedule` is given), `skipped` (1 if this update was
@@ -155,7 +157,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, shardings
             metrics["lr"] = lr_schedule(state.step - state.skipped)
         return new_state, metrics
 
-    return _jit_per_batch_structure(step, shardings, mesh, rules, donate=(0,) if donate else ())
+    return _JitPerBatchStructure(step, shardings, mesh, rules, donate=(0,) if donate else ())
 
 
 def make_eval_step(loss_fn: LossFn, params_shardings, mesh: Mesh, *, rules=sharding.RULES) -> Callable:
@@ -165,25 +167,37 @@ def make_eval_step(loss_fn: LossFn, params_shardings, mesh: Mesh, *, rules=shard
         return loss_fn(params, batch, rng)[1]
 
     replicated = NamedSharding(mesh, P())
-    return _jit_per_batch_structure(step, params_shardings, mesh, rules, extra=(replicated,))
+    return _JitPerBatchStructure(step, params_shardings, mesh, rules, extra=(replicated,))
 
 
-def _jit_per_batch_structure(fn, first_shardings, mesh, rules, donate=(), extra=()):
-    """Jit `fn(first, batch, *extra)` once per batch structure (keys and ranks), under the mesh and rules."""
-    compiled = {}
+class _JitPerBatchStructure:
+    """`fn(first, batch, *extra)` jitted once per batch structure (keys and ranks), under the mesh and rules.
 
-    def traced(*args):
-        with nn.logical_axis_rules(rules):
-            return fn(*args)
+    Calling it runs the step; `.lower(first, batch, *extra)` lowers it for abstract inputs (no allocation),
+    e.g. to check that a real-size step traces and partitions on a mesh.
+    """
 
-    def call(first, batch, *rest):
-        key = tuple(sorted((k, v.ndim) for k, v in batch.items()))
-        if key not in compiled:
-            batch_sh = {k: sharding.batch_sharding(mesh, nd, rules) for k, nd in key}
-            compiled[key] = jax.jit(traced, in_shardings=(first_shardings, batch_sh, *extra),
-                                    out_shardings=(first_shardings, None) if donate else None,
-                                    donate_argnums=donate)
-        with jax.set_mesh(mesh):
-            return compiled[key](first, batch, *rest)
+    def __init__(self, fn, first_shardings, mesh, rules, donate=(), extra=()):
+        self.fn, self.first_shardings, self.mesh, self.rules = fn, first_shardings, mesh, rules
+        self.donate, self.extra, self._jitted = donate, extra, {}
 
-    return call
+    def _traced(self, *args):
+        with nn.logical_axis_rules(self.rules):
+            return self.fn(*args)
+
+    def _get(self, batch):
+        key = tuple(sorted((k, len(v.shape)) for k, v in batch.items()))
+        if key not in self._jitted:
+            batch_sh = {k: sharding.batch_sharding(self.mesh, nd, self.rules) for k, nd in key}
+            out = (self.first_shardings, None) if self.donate else None
+            self._jitted[key] = jax.jit(self._traced, in_shardings=(self.first_shardings, batch_sh, *self.extra),
+                                        out_shardings=out, donate_argnums=self.donate)
+        return self._jitted[key]
+
+    def __call__(self, first, batch, *rest):
+        with jax.set_mesh(self.mesh):
+            return self._get(batch)(first, batch, *rest)
+
+    def lower(self, first, batch, *rest):
+        with jax.set_mesh(self.mesh):
+            return self._get(batch).lower(first, batch, *rest)

@@ -78,7 +78,8 @@ def test_indivisible_dims_fall_back_to_replication_with_a_named_warning(caplog):
 def test_batch_that_cannot_be_split_is_a_clear_error():
     mesh = sharding.make_mesh((2, 4, 1))
     sharding.check_batch(16, 2, mesh)
-    with pytest.raises(ValueError, match=r"batch_size=12 must split into train.micro_batches=1 .* data-parallel size 8"):
+    with pytest.raises(ValueError, match=r"batch_size=12 must split into train.micro_batches=1 .* "
+                                         r"data-parallel size 8"):
         sharding.check_batch(12, 1, mesh)
 
 

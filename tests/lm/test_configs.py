@@ -1,0 +1,115 @@
+"""Configs and launchers: presets, command-line overrides, clear errors, and real-size steps traced abstractly."""
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+import experiments
+from configs import pretrain, sft
+from lm import losses, presets, sharding, train, trainer
+from lm.model import Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse(*args):
+    """Parse launcher-style flags into a fresh flag set; returns the config."""
+    fv, argv = flags.FlagValues(), ["prog", *args]
+    # Override flags are declared from the argument list, as `python -m experiments.X ...` does from sys.argv.
+    config_flags.DEFINE_config_file("config", None, "config", flag_values=fv, lock_config=True, sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+
+@pytest.mark.parametrize("module", [pretrain, sft])
+def test_every_preset_builds_a_valid_model(module):
+    for preset in module.PRESETS:
+        config = module.get_config(preset)
+        cfg = experiments.model_config(config)
+        assert cfg.vocab_size >= config.data.get("vocab_size", 0)
+        assert config.train.batch_size % config.train.micro_batches == 0
+    with pytest.raises(ValueError, match=r"unknown .* preset 'huge'; choose one of \("):
+        module.get_config("huge")
+
+
+def test_every_config_field_has_a_comment():
+    for name in ("common.py", "pretrain.py", "sft.py"):
+        with open(os.path.join(ROOT, "configs", name)) as f:
+            for i, line in enumerate(f, 1):
+                if re.match(r"\s*c(\.\w+)+ = ", line):
+                    assert "#" in line, f"configs/{name}:{i} has no comment: {line.strip()}"
+
+
+def test_command_line_overrides_reach_the_model_and_mesh():
+    config = parse("--config=configs/pretrain.py:tiny", "--config.model.overrides.n_layers=3",
+                   "--config.model.overrides.dtype=bfloat16", "--config.mesh.shape=(2,2,2)",
+                   "--config.train.log_every=1", "--config.data.path=/my/text", "--config.mesh.rules.embed=")
+    cfg = experiments.model_config(config)
+    assert (cfg.n_layers, cfg.dtype, cfg.d_model) == (3, "bfloat16", presets.get("llama-tiny").d_model)
+    assert tuple(config.mesh.shape) == (2, 2, 2) and config.train.log_every == 1
+    assert config.data.path == "/my/text"
+    assert dict(sharding.rules_from_config(config.mesh.rules))["embed"] is None
+    mesh, _ = trainer.mesh_and_rules(config)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    # With init_from, the saved model config is the base and overrides still apply.
+    base = presets.get("glm-tiny").to_dict()
+    assert experiments.model_config(config, base).position == "rope2d"
+    assert experiments.model_config(config, base).n_layers == 3
+
+
+def test_unknown_config_keys_are_named():
+    config = pretrain.get_config("tiny")
+    msg = experiments._unknown_override(config, ["prog", "--config.train.stepz=3"])
+    assert "unknown config key 'train.stepz'" in msg and "train has no field 'stepz'" in msg and "steps" in msg
+    msg = experiments._unknown_override(config, ["prog", "--config.model.overrides.n_layerz=3"])
+    assert "model.overrides has no field 'n_layerz'" in msg and "n_layers" in msg
+    assert experiments._unknown_override(config, ["prog", "--config.train.steps=3", "--workdir=x"]) is None
+    proc = subprocess.run([sys.executable, "-m", "experiments.pretrain", "--config=configs/pretrain.py:tiny",
+                           "--workdir=/tmp/unused", "--config.optim.lrr=1"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "error: unknown config key 'optim.lrr' in '--config.optim.lrr=1': optim has no field 'lrr'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_paths_and_vocab_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.path /no/such/dir does not exist"):
+        experiments.text_files("/no/such/dir")
+    with pytest.raises(FileNotFoundError, match="holds no .txt files"):
+        experiments.text_files(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="tokenizer file .*missing.model does not exist"):
+        experiments.run_tokenizer(str(tmp_path / "run"), str(tmp_path / "missing.model"))
+
+    class Tok:
+        path, vocab_size = "tok.model", 4000
+    with pytest.raises(ValueError, match=r"4000 ids but the model's vocab_size is 2048; set "
+                                         r"--config.model.overrides.vocab_size=4000"):
+        experiments.check_vocab(Tok, experiments.model_config(pretrain.get_config("tiny")))
+
+
+@pytest.mark.parametrize("preset", ["llama-7b", "bloom-7b1", "glm-6b"])
+def test_real_size_train_steps_trace_on_a_mesh(preset):
+    """The full sharded step of each real preset lowers on 8 fake devices (nothing is allocated)."""
+    config = pretrain.get_config(preset)
+    cfg = experiments.model_config(config)
+    mesh, rules = trainer.mesh_and_rules(config)
+    tx, lr = trainer.optim.make_optimizer(config.optim, config.train.steps)
+    abstract, shardings = train.state_shardings(experiments.build_params(cfg), tx, mesh, rules)
+    q = shardings.params["layers"]["attn"]["q"]["kernel"]
+    assert q.spec[1] == "fsdp"  # [layers, embed, heads, head_dim]: embed split over the 8 fsdp devices
+    b, t = 16, config.data.seq_len
+    batch = {"inputs": jax.ShapeDtypeStruct((b, t), jnp.int32), "targets": jax.ShapeDtypeStruct((b, t), jnp.int32),
+             "loss_mask": jax.ShapeDtypeStruct((b, t), jnp.float32)}
+    if config.data.objective == "glm":
+        batch.update(positions=jax.ShapeDtypeStruct((b, t, 2), jnp.int32),
+                     prefix_len=jax.ShapeDtypeStruct((b,), jnp.int32))
+    step = train.make_train_step(losses.lm_loss_fn(Transformer(cfg)), tx, shardings, mesh, rules=rules,
+                                 lr_schedule=lr)
+    text = step.lower(abstract, batch).as_text()
+    assert "bf16" in text
