@@ -5,7 +5,8 @@ function that picks the branch for the platform the computation is lowered for (
 so `jax.export(..., platforms=["tpu"])` on a CPU host lowers the real TPU kernel. Targets:
   "interpret": `pallas_call(interpret=True)`, the only mode that runs on CPU;
   "tpu": Mosaic TPU, per-row scalars in SMEM, blocks whose last two dims are (8, 128)-aligned or full;
-  "gpu": Triton (`pltriton.CompilerParams`), every loaded tile a power of two with matmul dims >= 16.
+  "gpu": Triton (`pltriton.CompilerParams`), every loaded tile a power of two with matmul dims >= 16;
+  "cpu": a compiled kernel asked for on CPU, which Pallas refuses at lowering with a clear message.
 The kernels use one array layout that satisfies all three, so the CPU tests run the code the devices run.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-TARGETS = ("interpret", "tpu", "gpu")
+TARGETS = ("interpret", "tpu", "gpu", "cpu")
 # Masked logits sit below the running-max floor, so exp(masked - max) is exactly 0 even in a row that has
 # seen no visible key yet; fully masked rows then end with l == 0 and get a zero output.
 MAX_INIT = -1e30
@@ -36,7 +37,7 @@ def dispatch(build: Callable[[str], Callable], *args, interpret: Optional[bool])
     """
     if interpret:
         return build("interpret")(*args)
-    default = build("interpret") if interpret is None else None
+    default = build("interpret" if interpret is None else "cpu")
     gpu = build("gpu")
     return jax.lax.platform_dependent(*args, tpu=build("tpu"), cuda=gpu, rocm=gpu, default=default)
 
@@ -86,7 +87,3 @@ def pad_axis(x, axis: int, size: int, value=0):
 def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
-
-def check_target(target: str) -> None:
-    if target not in TARGETS:
-        raise ValueError(f"kernel target {target!r} is not one of {TARGETS}")

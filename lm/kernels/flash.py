@@ -10,6 +10,8 @@ every query), packed `segment_ids`, and key padding; ALiBi adds `slope[h] * (j -
 The loops visit only blocks with a visible key (causal and prefix bounds; with segment ids a block whose
 id range misses the query block's is skipped), and blocks known to be fully visible skip the mask.
 GQA: query head h reads K/V head h // (Hq // Hkv); the dK/dV program of a K/V head sums its query heads.
+On TPU the looped-over side of a (row, head) sits whole in VMEM: fine to a few thousand tokens; longer
+sequences would want that loop moved onto the grid with scratch accumulators (Triton has no scratch).
 """
 from __future__ import annotations
 

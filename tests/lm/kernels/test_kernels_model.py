@@ -1,5 +1,6 @@
 """Whole tiny models with `attention_impl="pallas"` (interpret mode on CPU) against `"xla"`."""
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import pytest
 
 from lm import presets
 from lm.generate import generate
+from lm.kernels import pallas, reference
 from lm.model import Transformer, init_params
 
 B, T = 2, 24
@@ -72,3 +74,17 @@ def test_greedy_generation_same_tokens():
     got = generate(cfg.replace(attention_impl="pallas"), params, prompts, 6)
     assert got == want
     assert [len(row) for row in got] == [6, 6, 6]
+
+
+def test_pallas_has_the_reference_signatures_and_is_what_the_model_runs():
+    def params_of(fn):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+    for name in ("flash_attention", "decode_attention", "rope"):
+        assert params_of(getattr(pallas, name)) == params_of(getattr(reference, name)), name
+    cfg = presets.get("llama-tiny")
+    params, (tokens, kw) = _params(cfg, 0), _batch(cfg)
+
+    def jaxpr(c):
+        return str(jax.make_jaxpr(lambda p: Transformer(c).apply({"params": p}, tokens, **kw))(params))
+    assert "pallas_call" in jaxpr(cfg.replace(attention_impl="pallas"))
+    assert "pallas_call" not in jaxpr(cfg)
