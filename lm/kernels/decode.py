@@ -112,7 +112,8 @@ def _block_and_splits(s_len: int, block_k: int):
 
 def decode_attention(q, k_cache, v_cache, lengths, *, alibi_slopes=None, sm_scale: Optional[float] = None,
                      block_k: int = 128, interpret=None, heads_per_program: Optional[int] = None):
-    """Pallas decode attention; same arguments and result as `reference.decode_attention` (not differentiable).
+    """Pallas decode attention; same arguments and result as `reference.decode_attention` (not differentiable;
+    a row of length 0 gives zeros).
 
     A head dim that is not a power of two >= 16, or a cache length with no power-of-two tile >= 16
     dividing it, is padded here (a copy of the cache); `heads_per_program` overrides the per-target choice
