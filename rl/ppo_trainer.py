@@ -135,7 +135,7 @@ def state_shardings(cfg: ModelConfig, tx, mesh: Mesh, rules=sharding.RULES):
     Everything comes from `jax.eval_shape` of the boxed init (nothing is allocated), so this also serves to
     lower the real-size steps abstractly.
     """
-    boxed = jax.eval_shape(lambda r: _state(_boxed_params(cfg, r), tx, 0.0, r), jax.random.key(0))
+    boxed = jax.eval_shape(lambda r: _state(_boxed_params(cfg, r), tx, 0.0, r), jax.random.PRNGKey(0))
     shardings = sharding.tree_shardings(boxed, mesh, rules)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed),
                             shardings)
@@ -144,7 +144,12 @@ def state_shardings(cfg: ModelConfig, tx, mesh: Mesh, rules=sharding.RULES):
 
 
 def init_state(actor_params, critic_params, tx, kl_coef: float, rng, shardings) -> PPOState:
-    """A PPO state from existing actor (SFT) and critic (reward model or zero-head) params, laid out sharded."""
+    """A PPO state from existing actor (SFT) and critic (reward model or zero-head) params, laid out sharded.
+
+    rng: a raw `jax.random.PRNGKey` (uint32 [2]) or a typed key (stored raw, so it checkpoints).
+    """
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.key_data(rng)
     build = jax.jit(lambda a, c, r: _state({"actor": a, "critic": c}, tx, kl_coef, r), out_shardings=shardings)
     with jax.set_mesh(shardings.kl_coef.mesh):
         return build(actor_params, critic_params, rng)

@@ -1,15 +1,18 @@
 """PPO end to end on a tiny model: two iterations change the weights, NaN rewards are skipped and stop the
-run, and the sharded step on 8 fake devices equals the 1-device step."""
+run, the sharded step on 8 fake devices equals the 1-device step, and a resumed run is bit-identical."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from lm import presets, sharding
+from lm import checkpoint, presets, sharding
 from lm.model import init_params
+from lm.tokenizer import Tokenizer
+from rl import ppo_loop, reward
 from rl import ppo_trainer as pt
-from rl import reward
 
 CFG = presets.get("llama-tiny", max_len=32)
 HP = pt.PPOConfig(response_length=6, epochs=2, mini_batches=2, max_bad_iterations=2)
@@ -28,6 +31,7 @@ def _prompts(b=8):
 TX = optax.sgd(0.5)
 
 
+@functools.lru_cache(maxsize=None)
 def _models():
     sft = jax.jit(lambda r: init_params(CFG, r))(jax.random.key(0))
     rm = reward.init_from_sft(CFG, sft, jax.random.key(1))
@@ -117,3 +121,49 @@ def test_sharded_step_equals_single_device(single):
         np.testing.assert_allclose(m1[k], m8[k], rtol=1e-4, atol=1e-6, err_msg=k)
     for a, b in zip(jax.tree.leaves(jax.device_get(new1.params)), jax.tree.leaves(jax.device_get(new8.params))):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_resume_from_checkpoint_is_bit_identical(single, tmp_path):
+    steps, _, frozen = single
+    abstract, sh, _ = pt.state_shardings(CFG, TX, steps.mesh)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, CFG.vocab_size, size=rng.integers(2, 6)).astype(np.int32) for _ in range(20)]
+    data = ppo_loop.prompt_dataset(prompts, width=5, batch_size=8, seed=0, pad_id=PAD)
+    it = iter(data)
+    state = pt.init_state(*_models(), TX, HP.kl_coef, jax.random.key(2), sh)
+    b = next(it)
+    state, _, _ = steps.iteration(state, frozen, b["tokens"], b["lengths"])
+    # As an adaptive controller would have moved it (same placement, so the compiled step is reused).
+    state = state.replace(kl_coef=jax.device_put(jnp.float32(0.0123), state.kl_coef.sharding))
+    ckpt = checkpoint.Checkpointer(str(tmp_path), every_steps=1, async_save=False)
+    assert ppo_loop.save(ckpt, 1, state, it, {"model": CFG.to_dict()})
+    ckpt.wait()
+    b = next(it)
+    want, want_m, _ = steps.iteration(state, frozen, b["tokens"], b["lengths"])
+
+    it2 = iter(data)
+    restored = ppo_loop.restore(ckpt, abstract, it2)
+    ckpt.close()
+    assert float(restored.kl_coef) == np.float32(0.0123) and int(restored.step) == 1
+    b2 = next(it2)
+    np.testing.assert_array_equal(b2["tokens"], b["tokens"])
+    got, got_m, _ = steps.iteration(restored, frozen, b2["tokens"], b2["lengths"])
+    for a, c in zip(jax.tree.leaves(jax.device_get(want)), jax.tree.leaves(jax.device_get(got))):
+        np.testing.assert_array_equal(a, c)
+    assert float(got_m["loss"]) == float(want_m["loss"])
+
+
+def test_read_prompts_names_bad_rows(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("what is the capital of france? the capital of france is paris.\n" * 50)
+    tok = Tokenizer.train([str(text)], 300, str(tmp_path / "tok"))
+    good = tmp_path / "p.jsonl"
+    good.write_text('{"prompt": "what is the capital?"}\n\n{"prompt": "paris"}\n')
+    ids = ppo_loop.read_prompts(str(good), tok, 32)
+    assert len(ids) == 2 and ids[0][-1] == tok.assistant_id
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected an object with a string 'prompt'"):
+        ppo_loop.read_prompts(str(bad), tok, 32)
+    with pytest.raises(ValueError, match=r"p.jsonl:1: .* more than data.prompt_len=3"):
+        ppo_loop.read_prompts(str(good), tok, 3)

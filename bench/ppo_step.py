@@ -1,0 +1,175 @@
+"""Wall time of one PPO iteration (rollout + scoring + update) here and in TRL's PPOTrainer, same sizes.
+
+  .venv/bin/python bench/ppo_step.py [--batch 16 --prompt_len 32 --response_len 32 --iters 3]
+
+Both sides: a LLaMA-style policy, frozen reference, reward model and value model of the same shape; B
+prompts of P tokens; N sampled tokens each (no stop token, so every response has N tokens) at temperature
+0.7 with log-probs recomputed at it; K-V-cached generation; then `epochs` PPO epochs over `mini_batches`
+mini-batches with the same objective (clipped policy + 0.1 x clipped value loss, k1 KL penalty, GAE,
+whitened advantages) and AdamW. Ours: `rl.ppo_trainer` (two jitted calls). TRL: `trl.experimental.ppo.
+PPOTrainer` (PyTorch, `transformers` LlamaForCausalLM / LlamaForSequenceClassification) on CPU. Reports the
+median over `iters` iterations after one warm-up iteration (which includes compilation), the speed-up, and
+the share of each iteration spent generating.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--d_model", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--d_ff", type=int, default=256)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--prompt_len", type=int, default=32)
+    p.add_argument("--response_len", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--mini_batches", type=int, default=2)
+    p.add_argument("--iters", type=int, default=3, help="timed iterations after one warm-up")
+    p.add_argument("--skip_trl", action="store_true")
+    return p.parse_args()
+
+
+def bench_ours(a):
+    import jax
+    import numpy as np
+    import optax
+
+    from lm.config import ModelConfig
+    from lm import sharding
+    from lm.model import init_params
+    from rl import ppo_trainer as pt
+    from rl import reward
+
+    cfg = ModelConfig(vocab_size=a.vocab, d_model=a.d_model, n_layers=a.layers, n_heads=a.heads, d_ff=a.d_ff,
+                      max_len=a.prompt_len + a.response_len)
+    hp = pt.PPOConfig(response_length=a.response_len, temperature=0.7, epochs=a.epochs, mini_batches=a.mini_batches)
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    tx = optax.adamw(3e-6, eps=1e-8, weight_decay=0.0)  # TRL: AdamW (Trainer default), lr 3e-6
+    _, sh, fsh = pt.state_shardings(cfg, tx, mesh)
+    sft = jax.jit(lambda r: init_params(cfg, r))(jax.random.PRNGKey(0))
+    rm = reward.init_from_sft(cfg, sft, jax.random.PRNGKey(1))
+    state = pt.init_state(sft, rm, tx, hp.kl_coef, jax.random.PRNGKey(2), sh)
+    frozen = {"ref": sft, "reward": rm}
+    steps = pt.make_steps(cfg, hp, tx, sh, fsh, mesh, eos_id=None, pad_id=0)
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(3, a.vocab, size=(a.batch, a.prompt_len)).astype(np.int32)
+    lengths = np.full((a.batch,), a.prompt_len, np.int32)
+    gen, total = [], []
+    for i in range(a.iters + 1):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(steps.rollout(state.params["actor"], prompts, lengths,
+                                                  jax.random.fold_in(jax.random.PRNGKey(3), i)))
+        t1 = time.perf_counter()
+        state, metrics = steps.learn(state, frozen, prompts, lengths, out)
+        jax.block_until_ready((state, metrics))
+        t2 = time.perf_counter()
+        if i == 0:
+            print(f"ours: warm-up iteration (with compilation) {t2 - t0:.1f} s")
+            continue
+        gen.append(t1 - t0)
+        total.append(t2 - t0)
+    assert np.isfinite(float(metrics["loss"]))
+    return statistics.median(total), statistics.median(gen)
+
+
+def _tokenizer(vocab: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"w{i}": i for i in range(vocab)}
+    words["<pad>"], words["</s>"] = 0, 2  # ids 0 and 2, as in our runs (they replace w0 and w2)
+    del words["w0"], words["w2"]
+    tok = Tokenizer(models.WordLevel(words, unk_token="w1"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="w1",
+                                   padding_side="left")
+
+
+def bench_trl(a):
+    import numpy as np
+    import torch
+    from datasets import Dataset
+    from transformers import (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, TrainerCallback)
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import trl
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from trl.experimental.ppo import ppo_trainer as trl_ppo
+
+    torch.manual_seed(0)
+    hf = LlamaConfig(vocab_size=a.vocab, hidden_size=a.d_model, intermediate_size=a.d_ff, num_hidden_layers=a.layers,
+                     num_attention_heads=a.heads, num_key_value_heads=a.heads,
+                     max_position_embeddings=a.prompt_len + a.response_len, rms_norm_eps=1e-6,
+                     tie_word_embeddings=False, pad_token_id=0, eos_token_id=2, bos_token_id=1)
+    policy, ref = LlamaForCausalLM(hf), LlamaForCausalLM(hf)
+    ref.load_state_dict(policy.state_dict())
+    hf_rm = LlamaConfig(**{**hf.to_dict(), "num_labels": 1})
+    reward_model, value_model = LlamaForSequenceClassification(hf_rm), LlamaForSequenceClassification(hf_rm)
+    tok = _tokenizer(a.vocab)
+    rng = np.random.default_rng(0)
+    n_rows = a.batch * (a.iters + 1)
+    ids = rng.integers(3, a.vocab, size=(n_rows, a.prompt_len)).tolist()
+    data = Dataset.from_dict({"input_ids": ids})
+
+    gen_times, step_ends = [], []
+    original = trl_ppo.batch_generation
+
+    def timed_generation(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = original(*args, **kwargs)
+        gen_times.append(time.perf_counter() - t0)
+        return out
+
+    class StepTimer(TrainerCallback):
+
+        def on_step_end(self, args, state, control, **kw):
+            step_ends.append(time.perf_counter())
+
+    trl_ppo.batch_generation = timed_generation
+    with tempfile.TemporaryDirectory() as out_dir:
+        args = PPOConfig(output_dir=out_dir, per_device_train_batch_size=a.batch, gradient_accumulation_steps=1,
+                         local_rollout_forward_batch_size=a.batch, num_mini_batches=a.mini_batches,
+                         num_ppo_epochs=a.epochs, response_length=a.response_len, temperature=0.7,
+                         total_episodes=n_rows, learning_rate=3e-6, kl_coef=0.05, kl_estimator="k1",
+                         stop_token=None, missing_eos_penalty=None, num_sample_generations=0, report_to="none",
+                         save_strategy="no", logging_steps=1000, use_cpu=True, bf16=False, disable_tqdm=True,
+                         dataloader_num_workers=0, seed=0)
+        trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward_model,
+                             value_model=value_model, train_dataset=data, eval_dataset=data,
+                             callbacks=[StepTimer()])
+        t_start = time.perf_counter()
+        trainer.train()
+    trl_ppo.batch_generation = original
+    ends = [t_start] + step_ends
+    per_iter = [ends[i + 1] - ends[i] for i in range(len(step_ends))]
+    print(f"trl {trl.__version__}: first iteration {per_iter[0]:.1f} s")
+    return statistics.median(per_iter[1:]), statistics.median(gen_times[1:])
+
+
+def main():
+    a = parse_args()
+    print(f"model: LLaMA-style d_model={a.d_model} layers={a.layers} heads={a.heads} d_ff={a.d_ff} "
+          f"vocab={a.vocab}; batch={a.batch} prompt={a.prompt_len} response={a.response_len} "
+          f"epochs={a.epochs} mini_batches={a.mini_batches}; {os.cpu_count()} CPU cores")
+    ours, ours_gen = bench_ours(a)
+    print(f"ours (JAX):        {ours * 1e3:8.1f} ms / iteration, generating {ours_gen / ours:5.1%}")
+    if a.skip_trl:
+        return
+    trl_time, trl_gen = bench_trl(a)
+    print(f"TRL PPOTrainer:    {trl_time * 1e3:8.1f} ms / iteration, generating {trl_gen / trl_time:5.1%}")
+    print(f"speed-up: {trl_time / ours:.2f}x (goal >= 3x)")
+
+
+if __name__ == "__main__":
+    main()
