@@ -16,7 +16,7 @@ import grain
 import jax
 import numpy as np
 
-from lm import checkpoint, distributed, optim
+from lm import checkpoint, distributed, optim, sharding
 from lm.config import ModelConfig
 from lm.data import chat
 from lm.logging_utils import MetricsLogger
@@ -133,6 +133,8 @@ def train(config, workdir: str, *, model_cfg: ModelConfig, tokenizer: Tokenizer,
             t0 = time.perf_counter()
             batch = next(data_iter)
             prompt_batch, ptx = batch if hp.ptx_coef > 0 else (batch, None)
+            prompt_batch = sharding.global_batch(prompt_batch, mesh, rules)  # this process's rows -> global
+            ptx = None if ptx is None else sharding.global_batch(ptx, mesh, rules)
             state, metrics, out = steps.iteration(state, frozen, prompt_batch["tokens"], prompt_batch["lengths"],
                                                   ptx)
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}  # one small read per iteration
