@@ -1,5 +1,6 @@
 """The Colab notebooks: stored clean (nbformat v4, no outputs, one `parameters` cell), and each one runs headless
 on CPU at tiny size (parameters overridden papermill-style: a cell injected after the `parameters` cell)."""
+import json
 import math
 import os
 import re
@@ -12,7 +13,7 @@ from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOTEBOOKS = ("quickstart", "tpu_sharding")
+NOTEBOOKS = ("quickstart", "rlhf_pipeline", "tpu_sharding")
 KERNEL = "chatgpt-jax-tests"
 
 
@@ -102,3 +103,25 @@ def test_tpu_sharding_falls_back_to_fake_cpu_devices_and_trains(kernel_specs, cp
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0]
     assert "tokens/s" in text and _figures(nb) >= 1
+
+
+def test_rlhf_pipeline_runs_every_stage(kernel_specs, cpu_env, tmp_path):
+    steps = {"pretrain": 6, "sft": 4, "reward": 4, "ppo": 2, "dpo": 4}
+    params = {"WORKDIR": str(tmp_path / "pipeline"), "STEPS": steps, "BATCH_SIZE": 8, "FRESH": True,
+              "MODEL": {"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 2, "d_ff": 64}}
+    nb = run_notebook("rlhf_pipeline", params, kernel_specs)
+    text = _text(nb)
+    finals = dict(re.findall(r"(\w+) +final loss ([\d.]+)", text))
+    assert sorted(finals) == ["dpo", "pretrain", "reward", "sft"]
+    assert all(math.isfinite(float(v)) for v in finals.values())
+    [accuracy] = _numbers(r"reward model held-out accuracy ([\d.]+)", text)
+    assert 0.0 <= accuracy <= 1.0
+    [(score0, score1, kl, gold0, gold1)] = _numbers(
+        r"PPO score (-?[\d.]+) -> (-?[\d.]+), KL (-?[\d.]+), gold ([\d.]+) -> ([\d.]+)", text)
+    assert all(math.isfinite(x) for x in (score0, score1, kl)) and 0 <= gold0 <= 1 and 0 <= gold1 <= 1
+    [win_rate] = _numbers(r"PPO vs SFT win rate \(ties count half\) +([\d.]+)", text)
+    assert 0.0 <= win_rate <= 1.0
+    assert "== SFT" in text and "== PPO" in text and text.count("\nQ: ") >= 8
+    assert _figures(nb) >= 3
+    with open(tmp_path / "pipeline" / "report.json") as f:
+        assert json.load(f)["reward_model"]["heldout_accuracy"] == pytest.approx(accuracy, abs=1e-3)
