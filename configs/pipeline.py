@@ -16,7 +16,8 @@ PRESETS = ("tiny",)
 
 def task():
     c = mlc.ConfigDict()
-    c.data_dir = "data/qa"  # the task's bundled data (rl.task.data_files): pretrain/, sft.jsonl, *_prompts.jsonl
+    c.facts = "data/qa/facts.tsv"  # the knowledge base the labeler grades against (rl.task)
+    c.data_dir = "data/qa"  # data derived from it (rl.task.write_data): pretrain/, sft.jsonl, *_prompts.jsonl
     return c
 
 
@@ -39,7 +40,8 @@ def evaluation(temperature: float, max_new_tokens: int):
     c = mlc.ConfigDict()
     c.temperature = temperature  # decoding temperature of every policy on the held-out prompts (PPO's)
     c.max_new_tokens = max_new_tokens  # longest response, in tokens
-    c.batch_size = 128  # prompts per generation call
+    c.batch_size = 128  # prompts per generation / scoring call
+    c.seq_len = 64  # tokens of prompt + response + eos when scoring (longer is an error)
     c.examples = 5  # held-out prompts whose SFT / PPO / DPO answers the table prints
     c.seed = 1234  # sampling seed, the same for every policy
     return c

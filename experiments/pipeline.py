@@ -84,24 +84,20 @@ def _sft(c, wd, tok_path):
     return _fit_lm(c, wd, tok_path, lambda tok: data.sft_dataset(c.data.path, tok, split="train", **kw))
 
 
-def _samples(config, wd, sft_dir, files):
-    """K SFT samples per prompt, ranked by the labeler; prompts where all K tie carry no preference."""
+def _samples(config, wd, sft_dir, files, task):
+    """K SFT samples per prompt, ranked by the labeler: `prefs_train.jsonl` and `prefs_heldout.jsonl`."""
     cfg, params, tok = load_policy(sft_dir)
-    s, task, info = config.samples, qa.default_task(), {}
+    s, info = config.samples, {}
     for name, path in (("train", files["rl"]), ("heldout", files["rm_eval"])):
         prompts = qa.read_prompts(path)
-        repeated = [p for p in prompts for _ in range(s.k)]
-        responses = sample(cfg, params, tok, repeated, temperature=s.temperature, max_new_tokens=s.max_new_tokens,
-                           batch_size=s.batch_size * s.k, seed=config.seed + len(name))
-        rows, scores = [], []
-        for i, prompt in enumerate(prompts):
-            group = responses[i * s.k:(i + 1) * s.k]
-            ranks = task.rank(prompt, group)
-            scores += [task.gold_score(prompt, r) for r in group]
-            if len(set(ranks)) > 1:
-                rows.append({"prompt": prompt, "responses": group, "ranks": ranks})
-        with open(os.path.join(wd, f"prefs_{name}.jsonl"), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        responses = sample(cfg, params, tok, [p for p in prompts for _ in range(s.k)], temperature=s.temperature,
+                           max_new_tokens=s.max_new_tokens, batch_size=s.batch_size * s.k,
+                           seed=config.seed + len(name))
+        rows, scores = task.preference_rows(prompts, responses, s.k)
+        if not rows:
+            raise RuntimeError(f"samples: the labeler scored all {s.k} SFT samples of every {name} prompt alike, "
+                               "so there is no preference to learn; train the SFT stage longer")
+        qa.write_jsonl(os.path.join(wd, f"prefs_{name}.jsonl"), rows)
         info[name] = {"prompts": len(prompts), "ranked_prompts": len(rows), "gold_mean": float(np.mean(scores))}
     return info
 
@@ -126,20 +122,19 @@ def _reward(c, wd, sft_dir, tok_path):
                         train_data=data.preference_dataset(c.data.path, tok, split="train", **kw),
                         init_params=init_params, meta={"model": model_cfg.to_dict(), "head": "scalar"})
     params = jax.device_get(state.params)
-    scores = [s for row in _read_jsonl(c.data.path) for s in score(model_cfg, params, tok, row["prompt"],
-                                                                     row["responses"])]
+    scores = [s for row in _read_jsonl(c.data.path)
+              for s in score(model_cfg, params, tok, row["prompt"], row["responses"], c.data.seq_len)]
     mean, std = float(np.mean(scores)), float(np.std(scores))
     reward.save_normalization(wd, mean, std, len(scores))
     return {"score_mean": mean, "score_std": std}
 
 
-def _ppo(c, wd, sft_dir, reward_dir, tok_path):
+def _ppo(c, wd, sft_dir, reward_dir, tok_path, task):
     """PPO (rl.ppo_loop), grading every rollout with the labeler for the curves."""
     base_model, _ = experiments.init_from(c)
     model_cfg = experiments.model_config(c, base_model)
     tok = experiments.run_tokenizer(wd, tok_path)
     experiments.save_config(c, wd)
-    task = qa.default_task()
     curve = os.path.join(wd, "gold.jsonl")
 
     def on_iteration(it, metrics, out, prompt_batch):
@@ -218,7 +213,10 @@ def _pack(tok, prompts, responses, width):
     tokens = np.zeros((len(prompts), width), np.int32)
     mask = np.zeros((len(prompts), width), np.float32)
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        ids = np.concatenate([format_prompt(tok, p), format_response(tok, r)])[:width]
+        ids = np.concatenate([format_prompt(tok, p), format_response(tok, r)])
+        if len(ids) > width:
+            raise ValueError(f"prompt {p!r} with response {r!r} takes {len(ids)} tokens, more than {width}; "
+                             "raise eval.seq_len")
         tokens[i, :len(ids)] = ids
         mask[i, len(format_prompt(tok, p)):len(ids)] = 1.0
     return tokens, mask
@@ -237,14 +235,14 @@ def _last_scores(cfg, params, tokens, last):
     return jnp.take_along_axis(values, last[:, None], axis=1)[:, 0]
 
 
-def score(cfg, params, tok, prompt, responses, width=64):
+def score(cfg, params, tok, prompt, responses, width):
     """Reward-model scores of responses to one prompt (the head's value at each response's eos)."""
     tokens, mask = _pack(tok, [prompt] * len(responses), responses, width)
     last = (np.arange(width)[None] * (mask > 0)).max(-1).astype(np.int32)
     return np.asarray(_last_scores(cfg, params, tokens, last)).tolist()
 
 
-def logprobs(cfg, params, tok, prompts, responses, temperature, width=64, batch_size=128):
+def logprobs(cfg, params, tok, prompts, responses, temperature, width, batch_size):
     """Log-probability of each response given its prompt, `[N]`, in fixed-size batches."""
     out = []
     for start in range(0, len(prompts), batch_size):
@@ -271,9 +269,9 @@ def mean_stderr(x) -> dict:
     return {"mean": float(x.mean()), "stderr": float(x.std(ddof=1) / np.sqrt(len(x)))}
 
 
-def _evaluate(config, workdir, dirs, files):
+def _evaluate(config, workdir, dirs, files, task):
     """RM held-out accuracy, gold scores, win rate, KL and sample answers; the report, plot and table."""
-    e, task = config.eval, qa.default_task()
+    e = config.eval
     prompts = qa.read_prompts(files["eval"])
     report = {"eval_prompts": len(prompts)}
 
@@ -283,7 +281,7 @@ def _evaluate(config, workdir, dirs, files):
     rm = jax.device_get(reward.load(rm_dir, reward.abstract_params(rm_cfg, "scalar", mesh, sharding.RULES)))
     tok = Tokenizer.load(os.path.join(rm_dir, "tokenizer.model"))
     held = _read_jsonl(os.path.join(dirs["samples"], "prefs_heldout.jsonl"))
-    acc, pairs = pairwise_accuracy([score(rm_cfg, rm, tok, r["prompt"], r["responses"]) for r in held],
+    acc, pairs = pairwise_accuracy([score(rm_cfg, rm, tok, r["prompt"], r["responses"], e.seq_len) for r in held],
                                    [r["ranks"] for r in held])
     report["reward_model"] = {"heldout_accuracy": acc, "heldout_pairs": pairs, "heldout_prompts": len(held)}
 
@@ -298,8 +296,9 @@ def _evaluate(config, workdir, dirs, files):
         grades[name] = {"correct": float(np.mean([x.correct for x in g])),
                         "complete": float(np.mean([x.complete for x in g]))}
         if name != "sft":
-            kl = (logprobs(cfg, params, tok, prompts, answers[name], e.temperature)
-                  - logprobs(ref_cfg, ref, tok, prompts, answers[name], e.temperature))
+            kw = dict(temperature=e.temperature, width=e.seq_len, batch_size=e.batch_size)
+            kl = (logprobs(cfg, params, tok, prompts, answers[name], **kw)
+                  - logprobs(ref_cfg, ref, tok, prompts, answers[name], **kw))
             report[name] = {"kl": float(kl.mean()), "kl_stderr": mean_stderr(kl)["stderr"]}
     report["gold"] = {n: {**mean_stderr(g), **grades[n]} for n, g in gold.items()}
     diff = gold["ppo"] - gold["sft"]
@@ -392,15 +391,16 @@ def stage_configs(config, workdir):
 def run(config, workdir: str) -> dict:
     """Run (or resume) every stage under `workdir`; returns the report (also in `workdir/report.json`)."""
     files, dirs, tok, c = stage_configs(config, workdir)
+    task = qa.QATask(qa.load_facts(config.task.facts))
     jobs = {
         "tokenizer": lambda: _tokenizer(config, dirs["tokenizer"], files),
         "pretrain": lambda: _pretrain(c["pretrain"], dirs["pretrain"], tok),
         "sft": lambda: _sft(c["sft"], dirs["sft"], tok),
-        "samples": lambda: _samples(config, dirs["samples"], dirs["sft"], files),
+        "samples": lambda: _samples(config, dirs["samples"], dirs["sft"], files, task),
         "reward": lambda: _reward(c["reward"], dirs["reward"], dirs["sft"], tok),
-        "ppo": lambda: _ppo(c["ppo"], dirs["ppo"], dirs["sft"], dirs["reward"], tok),
+        "ppo": lambda: _ppo(c["ppo"], dirs["ppo"], dirs["sft"], dirs["reward"], tok, task),
         "dpo": lambda: _dpo(c["dpo"], dirs["dpo"], dirs["sft"], tok),
-        "eval": lambda: _evaluate(config, workdir, dirs, files),
+        "eval": lambda: _evaluate(config, workdir, dirs, files, task),
     }
     timings = {}
     for name in STAGES:

@@ -227,6 +227,23 @@ class QATask:
         order = sorted(set(scores), reverse=True)
         return [order.index(s) for s in scores]
 
+    def preference_rows(self, prompts: Sequence[str], responses: Sequence[str], k: int) -> tuple[list, list]:
+        """Labeled preference rows `{prompt, responses, ranks}` from K responses per prompt (prompt-major).
+
+        Each prompt's K responses are ranked (`rank`); a prompt whose K responses all tie states no preference
+        and is left out. Also returns the gold score of every response.
+        """
+        if len(responses) != k * len(prompts):
+            raise ValueError(f"preference_rows: {len(responses)} responses for {len(prompts)} prompts and k={k}")
+        rows, scores = [], []
+        for i, prompt in enumerate(prompts):
+            group = list(responses[i * k:(i + 1) * k])
+            ranks = self.rank(prompt, group)
+            scores += [self.gold_score(prompt, r) for r in group]
+            if len(set(ranks)) > 1:
+                rows.append({"prompt": prompt, "responses": group, "ranks": ranks})
+        return rows, scores
+
     # Data ------------------------------------------------------------------------------------------------
 
     def split_of(self) -> dict[Fact, str]:
@@ -309,9 +326,14 @@ def write_data(root: str = DATA_DIR, facts_file: str = FACTS_FILE, seed: int = 0
     with open(os.path.join(paths["pretrain"], "facts.txt"), "w", encoding="utf-8") as f:
         f.write("\n\n".join(data["pretrain"]) + "\n")  # documents are separated by blank lines
     for name in ("sft", "rl", "rm_eval", "eval"):
-        with open(paths[name], "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in data[name])
+        write_jsonl(paths[name], data[name])
     return paths
+
+
+def write_jsonl(path: str, rows: Sequence[dict]) -> None:
+    """One JSON object per line."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def read_prompts(path: str) -> list[str]:

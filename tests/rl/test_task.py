@@ -61,6 +61,17 @@ def test_rank_is_dense_with_ties(t):
     assert qa.rank(SEED_PROMPT, responses[:2]) == [0, 1]
 
 
+def test_preference_rows_rank_with_the_labeler_and_drop_ties(t):
+    prompts = [SEED_PROMPT, "How high is K2?"]
+    responses = ["The highest mountain in the world is Mount Everest.", "Mount Everest.", "I am not sure.",
+                 "I do not know.", "Sorry, I cannot answer that.", "No idea."]
+    rows, scores = t.preference_rows(prompts, responses, 3)
+    assert rows == [{"prompt": SEED_PROMPT, "responses": responses[:3], "ranks": [0, 1, 2]}]
+    assert scores == [1.0, 0.6, 0.0, 0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="5 responses for 2 prompts"):
+        t.preference_rows(prompts, responses[:5], 3)
+
+
 def test_every_phrasing_of_every_fact_is_graded_as_intended(t):
     """Every pretraining statement answers its fact completely; evasive replies never name an answer."""
     for fact in t.facts:
