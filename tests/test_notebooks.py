@@ -85,6 +85,9 @@ def test_quickstart_runs(kernel_specs, cpu_env):
     nb = run_notebook("quickstart", {"PRESET": "llama-tiny", "MAX_NEW_TOKENS": 8}, kernel_specs)
     text = _text(nb)
     assert f"parameters: {count_params(presets.get('llama-tiny')):,}" in text
+    # Published sizes: LLaMA-7B 6.74B (Touvron et al. 2023), GPT-2 small 124M.
+    assert _numbers(r"llama-7b +([\d.]+)B", text) == [pytest.approx(6.74, abs=0.005)]
+    assert _numbers(r"gpt2-124m +([\d.]+)B", text) == [pytest.approx(0.124, abs=0.0005)]
     assert "8 devices" in text and "'fsdp': 4, 'tensor': 2" in text
     [(total, per_token)] = _numbers(r"log-prob of the generated text: (-?[\d.]+) \((-?[\d.]+) per token", text)
     assert total < 0 and math.isclose(total / 8, per_token, rel_tol=1e-2, abs_tol=1e-3)
