@@ -35,10 +35,10 @@ from lm.generate import bucket_length
 from lm.model import Transformer, init_cache
 from lm.sampling import filter_logits
 from lm.tokenizer import Tokenizer
+from rl import ppo_loop, reward
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory, its checkpoints/, or a Hugging Face directory.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "SentencePiece model; default: the run's tokenizer.model.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).")
 _SYSTEM = flags.DEFINE_string("system", None, "Optional system message that starts every conversation.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.7, "Sampling temperature; 0 is greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 keeps all.")
@@ -72,38 +72,29 @@ def default_tokenizer(path: str) -> Optional[str]:
     return candidate if os.path.isfile(candidate) else None
 
 
-def _abstract_params(cfg: ModelConfig, mesh, rules, head: str = "lm"):
-    """ShapeDtypeStructs (with shardings on `mesh`) of `Transformer(cfg, head)` parameters."""
-    boxed = jax.eval_shape(experiments.build_params(cfg, head), jax.random.key(0))
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed),
-                        sharding.tree_shardings(boxed, mesh, rules))
-
-
-def load_model(path: str, mesh, rules=CHAT_RULES, step: Optional[int] = None) -> tuple[ModelConfig, dict]:
+def load_model(path: str, mesh, rules=CHAT_RULES) -> tuple[ModelConfig, dict]:
     """`(cfg, params)` of a language model laid out on `mesh`, from a run directory or a Hugging Face directory.
 
-    A run directory of any policy stage works (pretrain, SFT, DPO; from PPO the actor is taken); a reward
-    model's run is refused, having no language-model head.
+    A run directory of any policy stage works (its newest checkpoint: pretrain, SFT, DPO, or a PPO run's
+    actor); a reward model's run is refused, having no language-model head.
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--checkpoint={path}: no such directory")
     if is_hf_dir(path):
         cfg, host_params = hf.load(path)
-        abstract = _abstract_params(cfg, mesh, rules)
+        abstract = reward.abstract_params(cfg, "lm", mesh, rules)
         return cfg, jax.device_put(host_params, jax.tree.map(lambda a: a.sharding, abstract))
     ckpt = experiments.checkpoint_dir(path)
-    meta = checkpoint.load_meta(ckpt, step)
+    meta = checkpoint.load_meta(ckpt)
     if "model" not in meta:
         raise ValueError(f"checkpoint {ckpt} has no model config in its metadata (key 'model')")
     if meta.get("head", "lm") != "lm":
         raise ValueError(f"checkpoint {ckpt} is a reward model ({meta['head']} head, stage "
                          f"{meta.get('stage')!r}); chat needs a policy: a pretrain, SFT, PPO or DPO run")
     cfg = ModelConfig.from_dict(meta["model"])
-    abstract = _abstract_params(cfg, mesh, rules)
-    if meta.get("stage") == "ppo":  # params hold {"actor", "critic"}; the critic is read and dropped
-        both = {"actor": abstract, "critic": _abstract_params(cfg, mesh, rules, head="scalar")}
-        return cfg, checkpoint.load_params(ckpt, both, step)["actor"]
-    return cfg, checkpoint.load_params(ckpt, abstract, step)
+    if meta.get("stage") == "ppo":
+        return cfg, ppo_loop.load_policy(ckpt, cfg, mesh, rules)
+    return cfg, checkpoint.load_params(ckpt, reward.abstract_params(cfg, "lm", mesh, rules))
 
 
 def _pick(logits, key, temperature: float, top_k: int, top_p: float):
@@ -280,7 +271,7 @@ def main(argv):
         raise app.UsageError(f"no tokenizer.model beside {path}; pass --tokenizer=PATH")
     tokenizer = Tokenizer.load(tokenizer_path)
     mesh = sharding.make_mesh([int(s) for s in _MESH.value])
-    cfg, params = load_model(path, mesh, step=_STEP.value)
+    cfg, params = load_model(path, mesh)
     session = ChatSession(cfg, params, tokenizer, system=_SYSTEM.value, temperature=_TEMPERATURE.value,
                           top_k=_TOP_K.value, top_p=_TOP_P.value, max_new_tokens=_MAX_NEW.value,
                           chunk=_CHUNK.value, seed=_SEED.value)
