@@ -227,8 +227,12 @@ class ChatSession:
         self.history += [{"role": "user", "content": message}, {"role": "assistant", "content": text}]
 
 
-def repl(session: ChatSession, stdin=sys.stdin, stdout=sys.stdout, stats: bool = False) -> None:
-    """Read one message per line until `/exit` or end of input; `/reset` starts a new conversation."""
+def repl(session: ChatSession, stdin=None, stdout=None, stats: bool = False) -> None:
+    """Read one message per line until `/exit` or end of input; `/reset` starts a new conversation.
+
+    stdin / stdout default to the process's; `stats` prints each reply's token count and time to stderr.
+    """
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     while True:
         stdout.write("you> ")
         stdout.flush()
