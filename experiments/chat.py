@@ -89,8 +89,8 @@ def load_model(path: str, mesh, rules=CHAT_RULES) -> tuple[ModelConfig, dict]:
     if "model" not in meta:
         raise ValueError(f"checkpoint {ckpt} has no model config in its metadata (key 'model')")
     if meta.get("head", "lm") != "lm":
-        raise ValueError(f"checkpoint {ckpt} is a reward model ({meta['head']} head, stage "
-                         f"{meta.get('stage')!r}); chat needs a policy: a pretrain, SFT, PPO or DPO run")
+        raise ValueError(f"checkpoint {ckpt} holds a reward model ({meta['head']} head); chat needs a policy: "
+                         "a pretrain, SFT, PPO or DPO run")
     cfg = ModelConfig.from_dict(meta["model"])
     if meta.get("stage") == "ppo":
         return cfg, ppo_loop.load_policy(ckpt, cfg, mesh, rules)
@@ -273,12 +273,16 @@ def main(argv):
     tokenizer_path = _TOKENIZER.value or default_tokenizer(path)
     if tokenizer_path is None:
         raise app.UsageError(f"no tokenizer.model beside {path}; pass --tokenizer=PATH")
-    tokenizer = Tokenizer.load(tokenizer_path)
-    mesh = sharding.make_mesh([int(s) for s in _MESH.value])
-    cfg, params = load_model(path, mesh)
-    session = ChatSession(cfg, params, tokenizer, system=_SYSTEM.value, temperature=_TEMPERATURE.value,
-                          top_k=_TOP_K.value, top_p=_TOP_P.value, max_new_tokens=_MAX_NEW.value,
-                          chunk=_CHUNK.value, seed=_SEED.value)
+    try:
+        tokenizer = Tokenizer.load(tokenizer_path)
+        mesh = sharding.make_mesh([int(s) for s in _MESH.value])
+        cfg, params = load_model(path, mesh)
+        session = ChatSession(cfg, params, tokenizer, system=_SYSTEM.value, temperature=_TEMPERATURE.value,
+                              top_k=_TOP_K.value, top_p=_TOP_P.value, max_new_tokens=_MAX_NEW.value,
+                              chunk=_CHUNK.value, seed=_SEED.value)
+    except (FileNotFoundError, ValueError) as e:  # a wrong path or flag: one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     # The model's activation constraints follow the rules while the jitted steps are traced.
     with jax.set_mesh(mesh), nn.logical_axis_rules(CHAT_RULES):
         repl(session, stats=_STATS.value)
