@@ -37,6 +37,8 @@ def parse_args():
     p.add_argument("--mini_batches", type=int, default=2)
     p.add_argument("--iters", type=int, default=3, help="timed iterations after one warm-up")
     p.add_argument("--skip_trl", action="store_true")
+    p.add_argument("--single_thread", action="store_true",
+                   help="one compute thread on both sides (steadier figures on a busy machine)")
     return p.parse_args()
 
 
@@ -108,6 +110,8 @@ def bench_trl(a):
     from trl.experimental.ppo import ppo_trainer as trl_ppo
 
     torch.manual_seed(0)
+    if a.single_thread:
+        torch.set_num_threads(1)
     hf = LlamaConfig(vocab_size=a.vocab, hidden_size=a.d_model, intermediate_size=a.d_ff, num_hidden_layers=a.layers,
                      num_attention_heads=a.heads, num_key_value_heads=a.heads,
                      max_position_embeddings=a.prompt_len + a.response_len, rms_norm_eps=1e-6,
@@ -159,9 +163,13 @@ def bench_trl(a):
 
 def main():
     a = parse_args()
+    if a.single_thread:  # must be set before jax is imported
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+                                   " intra_op_parallelism_threads=1")
     print(f"model: LLaMA-style d_model={a.d_model} layers={a.layers} heads={a.heads} d_ff={a.d_ff} "
           f"vocab={a.vocab}; batch={a.batch} prompt={a.prompt_len} response={a.response_len} "
-          f"epochs={a.epochs} mini_batches={a.mini_batches}; {os.cpu_count()} CPU cores")
+          f"epochs={a.epochs} mini_batches={a.mini_batches}; {os.cpu_count()} CPU cores"
+          + (", one thread each" if a.single_thread else ""))
     ours, ours_gen = bench_ours(a)
     print(f"ours (JAX):        {ours * 1e3:8.1f} ms / iteration, generating {ours_gen / ours:5.1%}")
     if a.skip_trl:
