@@ -84,5 +84,6 @@ def get_config(preset: str = "tiny"):
     c.optim.weight_decay = 0.0
     c.reward_from = ""  # the reward-model run (its latest checkpoint and reward_norm.json)
     c.reward_normalize = True  # apply the reward run's score normalisation (mean 0, std 1 on SFT samples)
-    c.critic_init = "reward"  # critic trunk and head from the reward model (InstructGPT) or "zeros" (SFT trunk, zero head)
+    # Critic: trunk and head from the reward model (InstructGPT), or "zeros" (SFT trunk, zero head).
+    c.critic_init = "reward"
     return c

@@ -14,7 +14,8 @@ PRESETS = ("tiny", "llama-7b", "bloom-7b1", "glm-6b")
 
 def data(seq_len: int, k: int):
     c = mlc.ConfigDict()
-    c.path = "data/preference/sample.jsonl"  # JSONL of {prompt, responses: [...], ranks: [...]} or {prompt, chosen, rejected}
+    # JSONL of {prompt, responses: [...], ranks: [...]} (0 = best, ties share a rank) or {prompt, chosen, rejected}
+    c.path = "data/preference/sample.jsonl"
     c.tokenizer = ""  # SentencePiece .model; "" = the init_from run's WORKDIR/tokenizer.model
     c.seq_len = seq_len  # tokens per response (prompt + response + eos)
     c.k = k  # responses per prompt in a batch row (InstructGPT: 4 to 9); fewer are padded as absent

@@ -2,13 +2,11 @@
 reference log-probs map."""
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from lm import presets, sharding
 from lm.model import Transformer, init_params
-from lm.train import TrainState
 from rl import dpo, reward
 
 CFG = presets.get("llama-tiny", vocab_size=32, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64, max_len=16)
