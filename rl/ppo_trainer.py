@@ -180,10 +180,23 @@ def _gather(x, index):
     return jnp.take_along_axis(x, idx, axis=1)
 
 
+def lm_head(cfg: ModelConfig, params, hidden):
+    """The model's output layer on final hidden states `[M, E]` -> float32 logits `[M, V]`.
+
+    Applying it only at the response positions (`[B * N, E]` rows, not `[B, P + N, E]`) skips the prompt's
+    logits and, as a 2-D matmul, keeps XLA on its fast GEMM path in the backward pass.
+    """
+    w = params["embed"]["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
+    dtype = cfg.compute_dtype
+    return jnp.dot(hidden.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
 def _policy_outputs(cfg: ModelConfig, params, tokens, resp_index, resp_tokens, prefix_len, temperature):
     """Log-probs `[B, N]` of the response tokens at `temperature` and the logits `[B, N, V]` they come from."""
-    logits = Transformer(cfg).apply({"params": params}, tokens, prefix_len=prefix_len)
-    logits = _gather(logits, resp_index).astype(jnp.float32) / temperature
+    _, hidden = Transformer(cfg).apply({"params": params}, tokens, prefix_len=prefix_len, return_hidden=True)
+    b, n = resp_index.shape
+    hidden = _gather(hidden, resp_index).reshape(b * n, -1)  # the full-sequence logits are never computed
+    logits = lm_head(cfg, params, hidden).reshape(b, n, -1) / temperature
     return ppo.token_logprobs(logits, resp_tokens), logits
 
 

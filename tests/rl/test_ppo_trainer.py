@@ -9,9 +9,9 @@ import optax
 import pytest
 
 from lm import checkpoint, presets, sharding
-from lm.model import init_params
+from lm.model import Transformer, init_params
 from lm.tokenizer import Tokenizer
-from rl import ppo_loop, reward
+from rl import ppo, ppo_loop, reward
 from rl import ppo_trainer as pt
 
 CFG = presets.get("llama-tiny", max_len=32)
@@ -167,3 +167,21 @@ def test_read_prompts_names_bad_rows(tmp_path):
         ppo_loop.read_prompts(str(bad), tok, 32)
     with pytest.raises(ValueError, match=r"p.jsonl:1: .* more than data.prompt_len=3"):
         ppo_loop.read_prompts(str(good), tok, 3)
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "gpt2-tiny"])  # separate and tied output embeddings
+def test_policy_logprobs_match_full_model_forward(preset):
+    cfg = presets.get(preset, n_layers=1, max_len=16)
+    params = jax.jit(lambda r: init_params(cfg, r))(jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (3, 12), 3, cfg.vocab_size)
+    index = jnp.array([[2, 3, 4], [5, 6, 7], [8, 9, 10]])
+    targets = jnp.take_along_axis(tokens, index + 1, axis=1)
+
+    @jax.jit
+    def both(params):
+        ours, _ = pt._policy_outputs(cfg, params, tokens, index, targets, None, 0.7)
+        logits = Transformer(cfg).apply({"params": params}, tokens)
+        return ours, ppo.token_logprobs(jnp.take_along_axis(logits, index[..., None], axis=1), targets, 0.7)
+
+    ours, want = both(params)
+    np.testing.assert_allclose(ours, want, atol=1e-5)
