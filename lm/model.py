@@ -6,6 +6,7 @@ rules table (lm.sharding) decides how everything is laid out on a mesh.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -108,13 +109,16 @@ class Attention(nn.Module):
 
         new_cache = None
         if layer_cache is not None and ctx["decode_index"] is not None:
-            # Decode: one token per row, written at that row's own position.
-            idx = ctx["decode_index"]
-            put = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice_in_dim(c, new, i, axis=0))
-            new_cache = {"k": put(layer_cache["k"], k.astype(layer_cache["k"].dtype), idx),
-                         "v": put(layer_cache["v"], v.astype(layer_cache["v"].dtype), idx)}
-            out = kernels.decode_attention(q[:, 0], new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype),
-                                           idx + 1, **causal_kw)[:, None]
+            # Decode: one token per row. The whole stacked cache [L, B, S, Hkv, D] is carried through the layers
+            # (`_CachedBlock`), so row b's token is written in place at [layer, b, decode_index[b]] and only
+            # this layer's slice is read; no per-layer copies of the cache.
+            idx, layer = ctx["decode_index"], layer_cache["layer"]
+            rows = jnp.arange(idx.shape[0])
+            new_cache = {n: layer_cache[n].at[layer, rows, idx].set(t[:, 0].astype(layer_cache[n].dtype))
+                         for n, t in (("k", k), ("v", v))}
+            out = kernels.decode_attention(q[:, 0], new_cache["k"][layer].astype(q.dtype),
+                                           new_cache["v"][layer].astype(q.dtype), idx + 1, **causal_kw)[:, None]
+            new_cache["layer"] = layer
         else:
             if layer_cache is not None:  # prefill: the prompt's keys/values fill the start of the cache
                 new_cache = {n: jax.lax.dynamic_update_slice_in_dim(layer_cache[n], t.astype(layer_cache[n].dtype),
@@ -162,6 +166,23 @@ class Block(nn.Module):
         x = (h * cfg.alpha if cfg.residual == "deepnorm" else x) + MLP(cfg, name="mlp")(h)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return x, new_cache
+
+
+class _CachedBlock(nn.Module):
+    """`Block` for decoding: the carry is `(x, whole stacked cache)` and the scanned input the layer index.
+
+    It shares its scope with the `Block` inside, so the parameters are exactly those of the training stack.
+    """
+    cfg: ModelConfig
+
+    def setup(self):
+        self.block = Block(self.cfg)
+        nn.share_scope(self, self.block)
+
+    def __call__(self, carry, layer, ctx):
+        x, cache = carry
+        x, cache = self.block(x, {**cache, "layer": layer}, ctx)
+        return (x, {"k": cache["k"], "v": cache["v"]}), None
 
 
 _REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
@@ -213,10 +234,14 @@ class Transformer(nn.Module):
         block = Block
         if cfg.remat != "none":
             block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
-        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(0, nn.broadcast), length=cfg.n_layers,
-                         metadata_params={nn.PARTITION_NAME: "layers"})
-        x, new_cache = layers(cfg, name="layers")(x, cache, ctx)
+        scan = functools.partial(nn.scan, variable_axes={"params": 0}, split_rngs={"params": True},
+                                 in_axes=(0, nn.broadcast), length=cfg.n_layers,
+                                 metadata_params={nn.PARTITION_NAME: "layers"})
+        if cache is not None and decode_index is not None:
+            # Carrying the cache (not scanning over it) lets XLA update it in place at every decode step.
+            (x, new_cache), _ = scan(_CachedBlock)(cfg, name="layers")((x, cache), jnp.arange(cfg.n_layers), ctx)
+        else:
+            x, new_cache = scan(block)(cfg, name="layers")(x, cache, ctx)
         x = make_norm(cfg, "final_norm")(x)
 
         if self.head == "scalar":
