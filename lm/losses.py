@@ -16,24 +16,38 @@ from lm.model import Transformer
 MODEL_KWARGS = ("positions", "segment_ids", "prefix_len")
 
 
+def _target_logit_and_logsumexp(logits, targets):
+    """`(logits[target], logsumexp(logits), max(logits))`, each `[B, T]`, in float32.
+
+    A one-hot select instead of a gather, and a max shift outside the gradient, keep the backward pass a
+    single fused elementwise `softmax - onehot` over the `[B, T, V]` logits (no scatter, no extra passes).
+    """
+    logits = logits.astype(jnp.float32)
+    top = jax.lax.stop_gradient(logits.max(axis=-1))
+    lse = top + jnp.log(jnp.exp(logits - top[..., None]).sum(axis=-1))
+    hit = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
+    return jnp.where(hit, logits, 0.0).sum(axis=-1), lse, top
+
+
 def token_log_probs(logits, targets):
     """log p(targets) under `logits`: `[B, T, V] x [B, T] -> [B, T]`, computed in float32."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    target_logit, lse, _ = _target_logit_and_logsumexp(logits, targets)
+    return target_logit - lse
 
 
 def lm_loss(logits, targets, loss_mask):
     """Mean next-token cross-entropy over the tokens where `loss_mask` is 1.
 
-    Returns `(loss, metrics)`; metrics hold `loss`, `accuracy` (argmax == target over counted tokens) and
-    `weight` (number of counted tokens), which the train step uses to average micro-batches exactly.
+    Returns `(loss, metrics)`; metrics hold `loss`, `accuracy` (the target has the highest logit, over
+    counted tokens) and `weight` (number of counted tokens), which the train step uses to average
+    micro-batches exactly.
     """
+    target_logit, lse, top = _target_logit_and_logsumexp(logits, targets)
     mask = loss_mask.astype(jnp.float32)
     weight = mask.sum()
     denom = jnp.maximum(weight, 1.0)
-    loss = -(token_log_probs(logits, targets) * mask).sum() / denom
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    accuracy = (correct * mask).sum() / denom
+    loss = ((lse - target_logit) * mask).sum() / denom
+    accuracy = ((target_logit >= top).astype(jnp.float32) * mask).sum() / denom
     return loss, {"loss": loss, "accuracy": accuracy, "weight": weight}
 
 
