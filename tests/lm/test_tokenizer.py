@@ -95,12 +95,15 @@ def test_cli(tmp_path):
     assert tok.decode(tok.encode("天空为什么是蓝色的？")) == "天空为什么是蓝色的？"
 
 
-def test_cli_input_errors(tmp_path):
-    from absl import app
-    from experiments.tokenizer import input_files
-    with pytest.raises(app.UsageError, match="/no/such/dir does not exist"):
-        input_files(["/no/such/dir"])
-    with pytest.raises(app.UsageError, match="holds no .txt files"):
-        input_files([str(tmp_path)])
-    (tmp_path / "a.txt").write_text("a")
-    assert input_files([str(tmp_path), TEXT[0]]) == [str(tmp_path / "a.txt"), TEXT[0]]
+@pytest.mark.parametrize("make_input, message", [
+    (lambda d: "/no/such/dir", "--input path /no/such/dir does not exist"),
+    (lambda d: str(d), "holds no .txt files"),
+])
+def test_cli_input_errors(tmp_path, make_input, message):
+    # Run as a user would: launchers define absl flags at import, so they are not imported into the test process.
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.tokenizer", f"--input={make_input(tmp_path)}",
+         f"--output={tmp_path / 'tok'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert not (tmp_path / "tok.model").exists()
