@@ -222,7 +222,8 @@ def test_logprobs_match_full_forward(filtered):
                  temperature=temp, top_k=k, top_p=p, filtered_logprobs=filtered)
     assert np.asarray(out.mask).all()
     full, _ = pad_prompts([list(pr) + out.tokens[b].tolist() for b, pr in enumerate(PROMPTS)], 16 + n_new)
-    logits = np.asarray(jax.jit(lambda t: Transformer(cfg).apply({"params": params}, t, prefix_len=jnp.asarray(lengths)))(full))
+    forward = jax.jit(lambda t: Transformer(cfg).apply({"params": params}, t, prefix_len=jnp.asarray(lengths)))
+    logits = np.asarray(forward(full))
     for b in range(len(PROMPTS)):
         rows = logits[b, lengths[b] - 1:lengths[b] - 1 + n_new] / np.float32(temp)
         kept = _np_top_p(_np_top_k(rows, k), p)
