@@ -290,7 +290,7 @@ def ppo_update(cfg: ModelConfig, hp: PPOConfig, tx, state: PPOState, exp, ptx, r
         mb = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), exp)
         px = None if ptx is None else jax.tree.map(lambda x: x[i], ptx)
         (loss, metrics), grads = grad_fn(params, mb, px)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = rewards_finite & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
