@@ -29,6 +29,9 @@ def tokenizer(vocab_size: int):
 
 def samples(k: int, temperature: float, max_new_tokens: int):
     c = mlc.ConfigDict()
+    # Prompt sets (rl.task.data_files names) of the reward model's training comparisons; its held-out ones
+    # are always `rm_eval`, over facts no other set asks about.
+    c.train_prompts = ("rl", "sft")
     c.k = k  # responses sampled from the SFT model per prompt, then ranked by the labeler (InstructGPT: 4-9)
     c.temperature = temperature  # sampling temperature of those responses (1.0 = the SFT policy itself)
     c.max_new_tokens = max_new_tokens  # longest response, in tokens
@@ -83,7 +86,7 @@ def get_config(preset: str = "tiny"):
     c.samples = samples(k=4, temperature=1.0, max_new_tokens=24)
 
     c.reward = reward.get_config("tiny")
-    c.reward.train.steps = 150
+    c.reward.train.steps = 60  # ~2 epochs of the ranked prompts: more overfits the tiny reward model
     c.reward.train.batch_size = 16
     c.reward.data.seq_len = 64
     c.reward.data.k = 4
@@ -92,13 +95,13 @@ def get_config(preset: str = "tiny"):
     c.reward.data.eval_fraction = 0.0
 
     c.ppo = ppo.get_config("tiny")
-    c.ppo.train.steps = 60
+    c.ppo.train.steps = 30  # the labeler score of rollouts plateaus after ~20 iterations while KL grows
     c.ppo.train.batch_size = 32
     c.ppo.ppo.response_length = 24
     c.ppo.data.prompt_len = 32
 
     c.dpo = dpo.get_config("tiny")
-    c.dpo.train.steps = 100
+    c.dpo.train.steps = 60
     c.dpo.train.batch_size = 16
     c.dpo.data.seq_len = 64
     c.dpo.data.k = 4

@@ -88,8 +88,9 @@ def _samples(config, wd, sft_dir, files, task):
     """K SFT samples per prompt, ranked by the labeler: `prefs_train.jsonl` and `prefs_heldout.jsonl`."""
     cfg, params, tok = load_policy(sft_dir)
     s, info = config.samples, {}
-    for name, path in (("train", files["rl"]), ("heldout", files["rm_eval"])):
-        prompts = qa.read_prompts(path)
+    sets = {"train": [p for name in s.train_prompts for p in qa.read_prompts(files[name])],
+            "heldout": qa.read_prompts(files["rm_eval"])}
+    for name, prompts in sets.items():
         responses = sample(cfg, params, tok, [p for p in prompts for _ in range(s.k)], temperature=s.temperature,
                            max_new_tokens=s.max_new_tokens, batch_size=s.batch_size * s.k,
                            seed=config.seed + len(name))
@@ -265,6 +266,7 @@ def pairwise_accuracy(scores_by_prompt, ranks_by_prompt) -> tuple[float, int]:
 
 
 def mean_stderr(x) -> dict:
+    """Mean and standard error of the mean (sample std / sqrt(n)) of per-prompt values."""
     x = np.asarray(x, np.float64)
     return {"mean": float(x.mean()), "stderr": float(x.std(ddof=1) / np.sqrt(len(x)))}
 
