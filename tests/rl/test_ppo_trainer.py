@@ -1,5 +1,6 @@
 """PPO end to end on a tiny model: two iterations change the weights, NaN rewards are skipped and stop the
-run, the sharded step on 8 fake devices equals the 1-device step, and a resumed run is bit-identical."""
+run, the sharded step on 8 fake devices equals the 1-device step, and a resumed run continues where it
+stopped (same data, samples and state)."""
 import functools
 
 import jax
@@ -123,7 +124,7 @@ def test_sharded_step_equals_single_device(single):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_resume_from_checkpoint_is_bit_identical(single, tmp_path):
+def test_resume_from_checkpoint_continues_the_run(single, tmp_path):
     steps, _, frozen = single
     abstract, sh, _ = pt.state_shardings(CFG, TX, steps.mesh)
     rng = np.random.default_rng(3)
@@ -139,7 +140,7 @@ def test_resume_from_checkpoint_is_bit_identical(single, tmp_path):
     assert ppo_loop.save(ckpt, 1, state, it, {"model": CFG.to_dict()})
     ckpt.wait()
     b = next(it)
-    want, want_m, _ = steps.iteration(state, frozen, b["tokens"], b["lengths"])
+    want, want_m, want_out = steps.iteration(state, frozen, b["tokens"], b["lengths"])
 
     it2 = iter(data)
     restored = ppo_loop.restore(ckpt, abstract, it2)
@@ -147,10 +148,14 @@ def test_resume_from_checkpoint_is_bit_identical(single, tmp_path):
     assert float(restored.kl_coef) == np.float32(0.0123) and int(restored.step) == 1
     b2 = next(it2)
     np.testing.assert_array_equal(b2["tokens"], b["tokens"])
-    got, got_m, _ = steps.iteration(restored, frozen, b2["tokens"], b2["lengths"])
+    np.testing.assert_array_equal(jax.device_get(restored.rng), jax.device_get(state.rng))
+    got, got_m, got_out = steps.iteration(restored, frozen, b2["tokens"], b2["lengths"])
+    # Same samples; the update agrees to float rounding (XLA:CPU's multi-threaded kernels may differ in the
+    # last bit between two runs of one program, jax-ml/jax#39741, so exact equality would be flaky).
+    np.testing.assert_array_equal(got_out.tokens, want_out.tokens)
     for a, c in zip(jax.tree.leaves(jax.device_get(want)), jax.tree.leaves(jax.device_get(got))):
-        np.testing.assert_array_equal(a, c)
-    assert float(got_m["loss"]) == float(want_m["loss"])
+        np.testing.assert_allclose(a, c, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got_m["loss"], want_m["loss"], rtol=1e-6)
 
 
 def test_read_prompts_names_bad_rows(tmp_path):
