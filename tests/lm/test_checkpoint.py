@@ -98,8 +98,8 @@ def _launch(module, workdir, *extra, env):
     cmd = [sys.executable, "-m", module, f"--workdir={workdir}", *extra]
     # One core: XLA:CPU's multi-threaded kernels may differ in the last bit from call to call (jax-ml/jax#39741),
     # which would hide what this test checks, that resuming reproduces the run exactly.
-    one_core = lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # noqa: E731
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=one_core)
+    cmd = ["taskset", "-c", str(min(os.sched_getaffinity(0))), *cmd]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     proc.log_path = log.name
     return proc
 
