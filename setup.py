@@ -37,5 +37,7 @@ setup(
             "nbformat>=5.10",
             "ipykernel>=6.29",
         ],
+        # Peers the benchmarks compare against (bench/ppo_step.py needs TRL's PPOTrainer, gone after 0.29).
+        "bench": ["trl==0.29.1"],
     },
 )
