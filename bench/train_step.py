@@ -1,6 +1,6 @@
 """Throughput of one full AdamW training step: our jitted JAX step vs HF transformers' PyTorch LlamaForCausalLM.
 
-  python bench/train_step.py [--rounds=5] [--steps=2]
+  python bench/train_step.py [--rounds=5] [--steps=2] [--single_thread]
 
 Same model (LLaMA-style: 4 layers, d_model 512, 8 heads, SwiGLU 1376, vocab 32000, untied head), batch
 8 x 256 tokens, float32, the same masked next-token loss, global-norm clipping at 1.0 and AdamW with
@@ -12,7 +12,8 @@ MFU = model FLOPs per second / this machine's measured peak: the faster of a 409
 in XLA and in PyTorch, timed in the same rounds. Model FLOPs per token: 6 N (N = parameters in matmuls,
 the output head included, the embedding lookup not) + 12 L d T for attention (PaLM's count). Both MFU
 figures are given: from wall-clock time, and from process CPU time (FLOPs per CPU-second against the
-matmul's FLOPs per CPU-second), which stays meaningful when other jobs share the cores.
+matmul's FLOPs per CPU-second), which stays meaningful when other jobs share the cores. On a busy
+machine, `--single_thread` (one core, one compute thread on both sides) gives the steadiest comparison.
 """
 from __future__ import annotations
 
@@ -128,9 +129,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="alternating measurement rounds")
     parser.add_argument("--steps", type=int, default=2, help="steps timed per round and framework")
+    parser.add_argument("--single_thread", action="store_true",
+                        help="pin to one core with one compute thread on both sides (steadier on a busy machine)")
     args = parser.parse_args()
+    if args.single_thread:  # before the XLA backend starts: it sizes its thread pool from the affinity
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        torch.set_num_threads(1)
     batch = make_batch()
-    print(f"devices: {jax.devices()}  threads: torch {torch.get_num_threads()}, cpus {os.cpu_count()}")
+    print(f"devices: {jax.devices()}  threads: torch {torch.get_num_threads()}, "
+          f"cores usable {len(os.sched_getaffinity(0))} of {os.cpu_count()}")
     t = time.perf_counter()
     runs = {"jax": jax_runner(batch)}
     runs["jax"](1)  # compile

@@ -142,15 +142,18 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, shardings
         grads, metrics = _weighted_grads(loss_fn, state.params, batch, step_rng, micro_batches, rules)
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        # Keep the old params and optimiser state (moments, schedule count) when the update is not finite.
-        # optax.apply_if_finite would do this but applies the update anyway after N bad steps; we stop instead.
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+
+        def update(_):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            return optax.apply_updates(state.params, updates), opt_state
+
+        # A non-finite update leaves params and optimiser state (moments, schedule count) as they were.
+        # optax.apply_if_finite would too, but applies the update anyway after N bad steps; we stop instead.
+        # lax.cond, not a select: a select would read and write every parameter twice on good steps.
+        params, opt_state = jax.lax.cond(ok, update, lambda _: (state.params, state.opt_state), None)
         bad = (~ok).astype(jnp.int32)
-        new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
-                               opt_state=keep(opt_state, state.opt_state), rng=rng, skipped=state.skipped + bad,
-                               bad_streak=(state.bad_streak + 1) * bad)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
+                               skipped=state.skipped + bad, bad_streak=(state.bad_streak + 1) * bad)
         metrics = dict(metrics, grad_norm=grad_norm, skipped=bad, skipped_total=new_state.skipped,
                        bad_streak=new_state.bad_streak)
         if lr_schedule is not None:

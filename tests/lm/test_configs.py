@@ -12,7 +12,7 @@ from ml_collections import config_flags
 
 import experiments
 from configs import pretrain, sft
-from lm import losses, presets, sharding, train, trainer
+from lm import losses, optim, presets, sharding, train, trainer
 from lm.model import Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -99,7 +99,7 @@ def test_real_size_train_steps_trace_on_a_mesh(preset):
     config = pretrain.get_config(preset)
     cfg = experiments.model_config(config)
     mesh, rules = trainer.mesh_and_rules(config)
-    tx, lr = trainer.optim.make_optimizer(config.optim, config.train.steps)
+    tx, lr = optim.make_optimizer(config.optim, config.train.steps)
     abstract, shardings = train.state_shardings(experiments.build_params(cfg), tx, mesh, rules)
     q = shardings.params["layers"]["attn"]["q"]["kernel"]
     assert q.spec[1] == "fsdp"  # [layers, embed, heads, head_dim]: embed split over the 8 fsdp devices
