@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 
 from lm import checkpoint, distributed, presets
+from lm.trainer import local_batch_size
 from lm.config import ModelConfig
 from lm.model import Transformer
 from lm.tokenizer import Tokenizer
@@ -164,7 +165,6 @@ def save_config(config, workdir: str) -> None:
 
 def data_kwargs(config) -> dict:
     """Arguments every lm.data pipeline takes, from the config and this process's place in the run."""
-    from lm.trainer import local_batch_size
     return dict(seq_len=config.data.seq_len, batch_size=local_batch_size(config), seed=config.seed,
                 process_index=jax.process_index(), process_count=jax.process_count(),
                 cache_dir=config.data.cache_dir or None, eval_fraction=config.data.eval_fraction)
