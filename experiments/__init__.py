@@ -60,21 +60,22 @@ def _load_config(argv):
 def parse_flags(argv):
     """absl flag parsing that turns a bad `--config.x.y=` into one clear line instead of a traceback."""
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
     except Exception as e:  # ml_collections raises KeyError/AttributeError/ValueError from deep inside
         config = _load_config(argv)
         message = (config is not None and _unknown_override(config, argv)) or f"{type(e).__name__}: {e}"
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    if not flags.FLAGS["verbosity"].present:  # warnings only unless asked: orbax logs every save at INFO
+        flags.FLAGS.verbosity = -1
+    return rest
 
 
 def run(main) -> None:
     """`absl.app.run(main)` with the clear config-override errors of `parse_flags`.
 
-    Logging defaults to warnings only (orbax logs every save at INFO), keeping the progress bar readable;
-    `--verbosity=0` brings INFO back.
+    Logging defaults to warnings only, keeping the progress bar readable; `--verbosity=0` brings INFO back.
     """
-    flags.FLAGS.set_default("verbosity", -1)
     app.run(main, flags_parser=parse_flags)
 
 
