@@ -25,7 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 import experiments
@@ -408,10 +408,10 @@ def run(config, workdir: str) -> dict:
     for name in STAGES:
         done = os.path.join(dirs[name], DONE)
         if os.path.exists(done):
-            logging.info("stage %s: already done (%s)", name, done)
+            print(f"stage {name}: already done ({done})", flush=True)
             continue
         os.makedirs(dirs[name], exist_ok=True)
-        logging.info("stage %s", name)
+        print(f"stage {name}", flush=True)
         t0 = time.perf_counter()
         info = jobs[name]()
         timings[name] = time.perf_counter() - t0

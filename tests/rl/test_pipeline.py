@@ -83,4 +83,4 @@ def test_short_pipeline_writes_the_report_and_resumes(tmp_path):
     assert second.returncode == 0, second.stderr[-4000:]
     again = json.loads((workdir / "report.json").read_text())
     assert {k: _get(again, k) for k in KEYS} == {k: _get(report, k) for k in KEYS}
-    assert "already done" in second.stderr
+    assert "already done" in second.stdout
