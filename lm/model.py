@@ -12,6 +12,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lm import kernels
 from lm.config import ModelConfig
@@ -31,7 +32,9 @@ class Dense(nn.Module):
     """`x` contracted over its last `n_in` dims with a kernel `[*in_dims, *features]` named by `names`.
 
     Unlike nn.DenseGeneral, the kernel is created in its real shape (not flattened first), so its logical
-    names still match when a mesh and axis rules are active.
+    names still match when a mesh and axis rules are active. The contraction runs as one 2D matmul over the
+    flattened leading dims: XLA:CPU computes the backward of a `[B, T, E]` tensordot several times slower
+    (a whole pretraining step is 1.6x slower), and other backends lower both forms alike.
     """
     cfg: ModelConfig
     features: tuple
@@ -44,7 +47,9 @@ class Dense(nn.Module):
         cfg = self.cfg
         shape = x.shape[x.ndim - self.n_in:] + self.features
         kernel = self.param("kernel", _init(cfg, self.names), shape, cfg.params_dtype)
-        y = jnp.tensordot(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype), axes=self.n_in)
+        lead, k_in = x.shape[:x.ndim - self.n_in], int(np.prod(shape[:self.n_in]))
+        y = jnp.dot(x.astype(cfg.compute_dtype).reshape(-1, k_in), kernel.astype(cfg.compute_dtype).reshape(k_in, -1))
+        y = y.reshape(lead + self.features)
         if self.use_bias:
             bias = self.param("bias", _zeros(self.names[self.n_in:]), self.features, cfg.params_dtype)
             y = y + bias.astype(cfg.compute_dtype)
