@@ -29,6 +29,9 @@ from lm.kernels.common import LSE_EMPTY, MASKED, MAX_INIT
 
 f32 = jnp.float32
 BWD_LOOP_BLOCK = 32  # GPU backward: block size of the side each kernel loops over
+# GPU: largest `block x Dp` tile in bytes. Triton keeps the owned tile plus two pipelined stages of the
+# looped-over tiles in shared memory (227 KiB on H100); f32 at D=128 with 128-row blocks asks for 256 KiB.
+GPU_TILE_BYTES = 32 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +75,17 @@ class _Static:
     def reblocked(self, block_q: int, block_k: int) -> "_Static":
         """The same arrays viewed with smaller blocks (sizes that divide the current ones)."""
         return dataclasses.replace(self, block_q=min(block_q, self.block_q), block_k=min(block_k, self.block_k))
+
+    def tile_cap(self, itemsize: int) -> int:
+        return gpu_block_cap(self.head_dim, itemsize)
+
+
+def gpu_block_cap(head_dim: int, itemsize: int) -> int:
+    """Off TPU: the largest block (a power of two >= 16) whose `[block, Dp]` tile fits GPU_TILE_BYTES."""
+    cap = 16
+    while cap * 2 * common.padded_dim(head_dim) * itemsize <= GPU_TILE_BYTES:
+        cap *= 2
+    return cap
 
 
 def _cdiv(a, b: int):
@@ -247,6 +261,18 @@ def _warps(c: _Static) -> int:
 
 
 def _forward_call(c: _Static, q5, k5, v5, *extras):
+    """Output and log-sum-exp in `c`'s blocks; off TPU computed with blocks cut to fit shared memory."""
+    if c.target != "tpu":
+        cap = c.tile_cap(q5.dtype.itemsize)
+        if cap < max(c.block_q, c.block_k):
+            cs = c.reblocked(cap, cap)
+            o5, lse = _forward_blocks(cs, _view(q5, cs.block_q), _view(k5, cs.block_k), _view(v5, cs.block_k),
+                                      *_view_extras(cs, extras))
+            return _view(o5, c.block_q), _view(lse, c.block_q)
+    return _forward_blocks(c, q5, k5, v5, *extras)
+
+
+def _forward_blocks(c: _Static, q5, k5, v5, *extras):
     batch, hq = q5.shape[:2]
     q, row, kv, extra_specs = _q_block_specs(c)
     return pl.pallas_call(
@@ -342,16 +368,20 @@ def _view_extras(c: _Static, extras):
 
 
 def _backward_call(c: _Static, q5, k5, v5, do5, lse, delta, *extras):
-    """dQ, dK, dV. Off TPU the side each kernel loops over uses short blocks (32), as Triton's own flash
-    backward does, to keep the owned accumulators in registers; TPU keeps the forward blocks."""
+    """dQ, dK, dV in `c`'s blocks. Off TPU the side each kernel loops over uses short blocks (32), as Triton's
+    own flash backward does, to keep the owned accumulators in registers, and the owned side is cut to fit
+    shared memory (`tile_cap`); TPU keeps the forward blocks."""
     if c.target == "tpu":
         args = (q5, k5, v5, do5, lse, delta, *extras)
         return _dq_call(c, *args), *_dkv_call(c, *args)
-    cq, ckv = c.reblocked(c.block_q, BWD_LOOP_BLOCK), c.reblocked(BWD_LOOP_BLOCK, c.block_k)
-    dq = _dq_call(cq, q5, _view(k5, cq.block_k), _view(v5, cq.block_k), do5, lse, delta, *_view_extras(cq, extras))
+    cap = c.tile_cap(q5.dtype.itemsize)
+    cq, ckv = c.reblocked(cap, BWD_LOOP_BLOCK), c.reblocked(BWD_LOOP_BLOCK, cap)
+    qs = [_view(x, cq.block_q) for x in (q5, do5, lse, delta)]
+    dq = _dq_call(cq, qs[0], _view(k5, cq.block_k), _view(v5, cq.block_k), *qs[1:], *_view_extras(cq, extras))
     qs = [_view(x, ckv.block_q) for x in (q5, do5, lse, delta)]
-    dk, dv = _dkv_call(ckv, qs[0], k5, v5, qs[1], qs[2], qs[3], *_view_extras(ckv, extras))
-    return dq, dk, dv
+    ks = [_view(x, ckv.block_k) for x in (k5, v5)]
+    dk, dv = _dkv_call(ckv, qs[0], *ks, *qs[1:], *_view_extras(ckv, extras))
+    return _view(dq, c.block_q), _view(dk, c.block_k), _view(dv, c.block_k)
 
 
 def _dq_call(c: _Static, q5, k5, v5, do5, lse, delta, *extras):

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lm.kernels import pallas, reference
+from lm.kernels import flash, pallas, reference
 
 
 def _inputs(seed, b, t, s, hq, hkv, d, dtype=jnp.float32):
@@ -74,6 +74,19 @@ def test_packed_segments_bidirectional_mqa_odd_head_dim():
 def test_bfloat16_forward():
     _check(3, 2, 40, 40, 4, 2, 16, causal=True, prefix=True, alibi=True, block_q=16, block_k=32,
            dtype=jnp.bfloat16, fwd_tol=2e-2, grad_tol=None)
+
+
+def test_gpu_blocks_fit_shared_memory():
+    # Seen on an H100: f32 at D=128 with 128-row blocks asked Triton for 256 KiB of shared memory (227 KiB
+    # there). Off TPU the kernels cut their blocks to `[block, Dp]` tiles of at most 32 KiB.
+    cap = flash.gpu_block_cap
+    assert (cap(128, 4), cap(256, 4), cap(64, 4), cap(128, 2), cap(256, 2), cap(96, 4)) == (64, 32, 128, 128, 64, 64)
+
+
+def test_blocks_cut_for_shared_memory_give_the_same_result():
+    # f32 at D=128: 128-row blocks are cut to 64 in the forward and the owned side of both backward kernels.
+    _check(5, 1, 128, 128, 4, 2, 128, causal=True, prefix=True, alibi=True, block_q=128, block_k=128)
+    _check(6, 1, 128, 128, 2, 1, 128, causal=False, segments=True, block_q=128, block_k=128)
 
 
 def test_fully_masked_blocks_are_skipped():
