@@ -83,13 +83,14 @@ def get_config(preset: str = "tiny"):
     c.sft.train.eval_every = 0
     c.sft.data.eval_fraction = 0.0  # the held-out prompts are other facts (eval stage)
 
-    c.samples = samples(k=4, temperature=1.0, max_new_tokens=24)
+    # 8 samples per prompt: 28 comparisons each (4 gave 6, and a held-out accuracy of 0.71 against 0.80)
+    c.samples = samples(k=8, temperature=1.0, max_new_tokens=24)
 
     c.reward = reward.get_config("tiny")
-    c.reward.train.steps = 60  # ~2 epochs of the ranked prompts: more overfits the tiny reward model
+    c.reward.train.steps = 100  # ~2.7 epochs of the ~600 ranked prompts (150 gave no better held-out accuracy)
     c.reward.train.batch_size = 16
     c.reward.data.seq_len = 64
-    c.reward.data.k = 4
+    c.reward.data.k = c.samples.get_ref("k")
     c.reward.optim.lr = 3e-4
     c.reward.train.eval_every = 0  # held-out accuracy is measured by the eval stage on unseen facts
     c.reward.data.eval_fraction = 0.0
@@ -104,7 +105,7 @@ def get_config(preset: str = "tiny"):
     c.dpo.train.steps = 60
     c.dpo.train.batch_size = 16
     c.dpo.data.seq_len = 64
-    c.dpo.data.k = 4
+    c.dpo.data.k = c.samples.get_ref("k")
     c.dpo.train.eval_every = 0
     c.dpo.data.eval_fraction = 0.0
 
