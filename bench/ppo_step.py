@@ -31,6 +31,8 @@ def parse_args():
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--d_ff", type=int, default=256)
+    p.add_argument("--scan_unroll", type=int, default=0,
+                   help="our layer stack: layers per scan iteration, 0 = unrolled (as the *-tiny presets)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--prompt_len", type=int, default=32)
     p.add_argument("--response_len", type=int, default=32)
@@ -55,7 +57,7 @@ def bench_ours(a):
     from rl import reward
 
     cfg = ModelConfig(vocab_size=a.vocab, d_model=a.d_model, n_layers=a.layers, n_heads=a.heads, d_ff=a.d_ff,
-                      max_len=a.prompt_len + a.response_len)
+                      max_len=a.prompt_len + a.response_len, scan_unroll=a.scan_unroll)
     hp = pt.PPOConfig(response_length=a.response_len, temperature=0.7, epochs=a.epochs, mini_batches=a.mini_batches)
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     tx = optax.adamw(3e-6, eps=1e-8, weight_decay=0.0)  # TRL: AdamW (Trainer default), lr 3e-6

@@ -46,6 +46,9 @@ class ModelConfig:
       param_dtype: dtype the parameters are stored in.
       attention_impl: "xla" (pure-JAX reference) or "pallas" (flash/decode kernels); results are the same.
       remat: activation checkpointing of each block: "none", "full" or "dots" (save matmul outputs only).
+      scan_unroll: layers per iteration of the scanned block stack; 0 unrolls the whole stack (no loop), so
+        XLA fuses across layers: small models on CPU run faster (a 4-layer PPO iteration 1.3x), while compile
+        time grows with depth. The parameters are stacked `[n_layers, ...]` either way.
     """
 
     vocab_size: int
@@ -78,6 +81,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     attention_impl: Literal["xla", "pallas"] = "xla"
     remat: Literal["none", "full", "dots"] = "none"
+    scan_unroll: int = 1
 
     def __post_init__(self):
         def check(ok, msg):
@@ -98,6 +102,7 @@ class ModelConfig:
         for field, allowed in choices.items():
             check(getattr(self, field) in allowed,
                   f"{field}={getattr(self, field)!r} is not one of {allowed}")
+        check(self.scan_unroll >= 0, f"scan_unroll must be >= 0 (0 = unroll every layer), got {self.scan_unroll}")
         for field in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_len"):
             check(getattr(self, field) > 0, f"{field} must be positive, got {getattr(self, field)}")
         check(self.n_heads % self.kv_heads == 0,

@@ -27,7 +27,7 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 # Buffers some checkpoints store that are recomputed rather than learned.
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
-_COMPARE_SKIP = ("dtype", "param_dtype", "attention_impl", "remat", "init_std", "embed_grad_scale")
+_COMPARE_SKIP = ("dtype", "param_dtype", "attention_impl", "remat", "scan_unroll", "init_std", "embed_grad_scale")
 
 
 def _read_json(path: pathlib.Path) -> dict:

@@ -241,6 +241,7 @@ class Transformer(nn.Module):
             block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
         scan = functools.partial(nn.scan, variable_axes={"params": 0}, split_rngs={"params": True},
                                  in_axes=(0, nn.broadcast), length=cfg.n_layers,
+                                 unroll=min(cfg.scan_unroll or cfg.n_layers, cfg.n_layers),
                                  metadata_params={nn.PARTITION_NAME: "layers"})
         if cache is not None and decode_index is not None:
             # Carrying the cache (not scanning over it) lets XLA update it in place at every decode step.

@@ -28,7 +28,7 @@ from lm.train import TrainState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Fields a Hugging Face config.json does not carry (training-time choices).
-HF_UNSTORED = ("init_std", "attention_impl", "remat", "embed_grad_scale")
+HF_UNSTORED = ("init_std", "attention_impl", "remat", "scan_unroll", "embed_grad_scale")
 
 
 @pytest.fixture(scope="module")

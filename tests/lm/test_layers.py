@@ -173,3 +173,22 @@ def test_prefix_lm_bidirectional_prefix_causal_after():
     assert diff(0, 1)[:p + 1].max() < 1e-6 and diff(0, 1)[p + 1:].min() > 1e-4
     assert diff(0, 2).min() > 1e-4  # the prefix is bidirectional: earlier prefix positions see the change
     assert diff(0, 3)[:p + 3].max() < 1e-6 and diff(0, 3)[p + 3:].min() > 1e-4
+
+
+# ---------------------------------------------------------------- scanned layer stack
+
+@pytest.mark.parametrize("unroll", [0, 2])
+def test_unrolled_layer_stack_matches_the_loop(unroll):
+    """`scan_unroll` changes only how XLA compiles the stack: logits and gradients equal the rolled loop's."""
+    looped = presets.get("llama-tiny", n_layers=3, scan_unroll=1)
+    unrolled = presets.get("llama-tiny", n_layers=3, scan_unroll=unroll)
+    params = random_params(looped)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, looped.vocab_size, (2, 12)), jnp.int32)
+
+    def loss(p, cfg):
+        return jnp.mean(Transformer(cfg).apply({"params": p}, tokens) ** 2)
+
+    want, want_grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, looped)
+    got, got_grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, unrolled)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got_grads, want_grads)

@@ -47,6 +47,7 @@ BASE = dict(vocab_size=32, d_model=16, n_layers=1, n_heads=4, d_ff=32)
     (dict(mask="bidirectional"), "mask"),
     (dict(attention_impl="cuda"), "attention_impl"),
     (dict(remat="some"), "remat"),
+    (dict(scan_unroll=-1), "scan_unroll"),
     (dict(dtype="int8"), "dtype"),
     (dict(d_model=0), "d_model"),
     (dict(n_layers=-1), "n_layers"),
