@@ -292,11 +292,15 @@ def ppo_update(cfg: ModelConfig, hp: PPOConfig, tx, state: PPOState, exp, ptx, r
         (loss, metrics), grads = grad_fn(params, mb, px)
         grad_norm = optax.tree.norm(grads)
         ok = rewards_finite & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt = tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, c: jnp.where(ok, a, c), new, old)  # noqa: E731
+
+        def update(_):
+            updates, new_opt = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_opt
+
+        # As in lm.train: lax.cond, not a select that would read and write every parameter twice.
+        params, opt_state = jax.lax.cond(ok, update, lambda _: (params, opt_state), None)
         metrics = dict(metrics, grad_norm=grad_norm)
-        return (keep(new_params, params), keep(new_opt, opt_state), skipped + (~ok).astype(jnp.int32)), metrics
+        return (params, opt_state, skipped + (~ok).astype(jnp.int32)), metrics
 
     def epoch(carry, key):
         order = jax.random.permutation(key, b).reshape(k, b // k)
