@@ -5,7 +5,7 @@ Stages, each in `DIR/<stage>` and skipped when already done: tokenizer -> pretra
 responses per prompt from the SFT model, ranked by the labeler) -> reward -> ppo and dpo -> eval. The
 `pretrain`, `sft`, `reward`, `ppo` and `dpo` sections are those stages' own configs (configs/<stage>.py)
 with the pipeline's choices applied; the pipeline fills in their data paths and `init_from` links.
-Presets: `tiny` (the CPU demo, about 15 minutes on two cores).
+Presets: `tiny` (the CPU demo, about 8 minutes on an idle 2-core machine).
 """
 import ml_collections as mlc
 

@@ -115,6 +115,25 @@ def init_from(config):
     return meta["model"], lambda abstract: checkpoint.load_params(ckpt, abstract)
 
 
+def start_from_sft(config, workdir: str, needs: str):
+    """The common start of the stages that begin from an SFT run (`config.init_from`): reward, PPO, DPO.
+
+    Returns `(model config, init_params of the SFT run, its checkpoint dir, tokenizer)`; the tokenizer is
+    `config.data.tokenizer` or the SFT run's, copied into `workdir`, and the config is saved there. `needs`
+    completes the error raised when `init_from` is empty.
+    """
+    if not config.init_from:
+        raise ValueError(f"config.init_from must name the SFT run {needs}")
+    base_model, init_params = init_from(config)
+    model_cfg = model_config(config, base_model)
+    sft_ckpt = checkpoint_dir(config.init_from)
+    source = config.data.tokenizer or os.path.join(os.path.dirname(sft_ckpt.rstrip("/")), "tokenizer.model")
+    tok = run_tokenizer(workdir, source)
+    check_vocab(tok, model_cfg)
+    save_config(config, workdir)
+    return model_cfg, init_params, sft_ckpt, tok
+
+
 def check_vocab(tokenizer: Tokenizer, model_cfg: ModelConfig) -> None:
     """Every token id must have an embedding row."""
     if tokenizer.vocab_size > model_cfg.vocab_size:

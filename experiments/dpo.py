@@ -5,8 +5,6 @@
 
 Every untied pair of a prompt's K responses is a (chosen, rejected) pair; rerunning resumes from WORKDIR.
 """
-import os
-
 from absl import flags
 from ml_collections import config_flags
 
@@ -23,15 +21,8 @@ def main(argv):
     del argv
     config, workdir = _CONFIG.value, _WORKDIR.value
     distributed.initialize(config.distributed)
-    if not config.init_from:
-        raise ValueError("config.init_from must name the SFT run (policy start and reference)")
-    base_model, init_params = experiments.init_from(config)
-    model_cfg = experiments.model_config(config, base_model)
-    sft_ckpt = experiments.checkpoint_dir(config.init_from)
-    source = config.data.tokenizer or os.path.join(os.path.dirname(sft_ckpt.rstrip("/")), "tokenizer.model")
-    tok = experiments.run_tokenizer(workdir, source)
-    experiments.check_vocab(tok, model_cfg)
-    experiments.save_config(config, workdir)
+    model_cfg, init_params, sft_ckpt, tok = experiments.start_from_sft(config, workdir,
+                                                                       "(policy start and reference)")
     mesh, rules = trainer.mesh_and_rules(config)
     ref = checkpoint.load_params(sft_ckpt, reward.abstract_params(model_cfg, "lm", mesh, rules))
 

@@ -6,7 +6,6 @@
 Actor and reference come from `init_from` (SFT), the reward model (and by default the critic) from
 `reward_from`; prompts from `data.path`. Rerunning the same command resumes from WORKDIR.
 """
-import os
 
 import jax
 from absl import flags
@@ -27,13 +26,7 @@ def main(argv):
     distributed.initialize(config.distributed)
     if not config.init_from or not config.reward_from:
         raise ValueError("config.init_from (the SFT run) and config.reward_from (the reward run) are both required")
-    base_model, _ = experiments.init_from(config)
-    model_cfg = experiments.model_config(config, base_model)
-    sft_ckpt = experiments.checkpoint_dir(config.init_from)
-    source = config.data.tokenizer or os.path.join(os.path.dirname(sft_ckpt.rstrip("/")), "tokenizer.model")
-    tok = experiments.run_tokenizer(workdir, source)
-    experiments.check_vocab(tok, model_cfg)
-    experiments.save_config(config, workdir)
+    model_cfg, _, _, tok = experiments.start_from_sft(config, workdir, "(actor and reference)")
 
     ptx = None
     if config.ppo.ptx_coef > 0:

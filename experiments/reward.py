@@ -7,8 +7,6 @@ The trunk is copied from the SFT run and a new scalar head added; rerunning resu
 end the scores of the training responses are measured and saved (`reward_norm.json`) so that
 `rl.reward.load` returns a model whose scores on the SFT policy's responses have mean 0 and std 1.
 """
-import os
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -47,15 +45,7 @@ def main(argv):
     del argv
     config, workdir = _CONFIG.value, _WORKDIR.value
     distributed.initialize(config.distributed)
-    if not config.init_from:
-        raise ValueError("config.init_from must name the SFT run the reward model starts from")
-    base_model, _ = experiments.init_from(config)
-    model_cfg = experiments.model_config(config, base_model)
-    sft_ckpt = experiments.checkpoint_dir(config.init_from)
-    source = config.data.tokenizer or os.path.join(os.path.dirname(sft_ckpt.rstrip("/")), "tokenizer.model")
-    tok = experiments.run_tokenizer(workdir, source)
-    experiments.check_vocab(tok, model_cfg)
-    experiments.save_config(config, workdir)
+    model_cfg, _, sft_ckpt, tok = experiments.start_from_sft(config, workdir, "the reward model starts from")
     mesh, rules = trainer.mesh_and_rules(config)
 
     def init_params(abstract):
