@@ -95,9 +95,12 @@ def _samples(config, wd, sft_dir, files, task):
                            max_new_tokens=s.max_new_tokens, batch_size=s.batch_size * s.k,
                            seed=config.seed + len(name))
         rows, scores = task.preference_rows(prompts, responses, s.k)
-        if not rows:
+        if not rows and name == "train":
             raise RuntimeError(f"samples: the labeler scored all {s.k} SFT samples of every {name} prompt alike, "
                                "so there is no preference to learn; train the SFT stage longer")
+        if not rows:  # the reward model trains, but its held-out accuracy is undefined (reported as NaN)
+            print(f"samples: the labeler scored all {s.k} SFT samples of every held-out prompt alike: no held-out "
+                  "pairs to measure the reward model on; train the SFT stage longer", flush=True)
         qa.write_jsonl(os.path.join(wd, f"prefs_{name}.jsonl"), rows)
         info[name] = {"prompts": len(prompts), "ranked_prompts": len(rows), "gold_mean": float(np.mean(scores))}
     return info
@@ -254,7 +257,8 @@ def logprobs(cfg, params, tok, prompts, responses, temperature, width, batch_siz
 
 
 def pairwise_accuracy(scores_by_prompt, ranks_by_prompt) -> tuple[float, int]:
-    """Share of untied pairs the scores order as the ranks do, pooled over prompts, and the pair count."""
+    """Share of untied pairs the scores order as the ranks do, pooled over prompts (NaN without any pair),
+    and the pair count."""
     right = total = 0
     for scores, ranks in zip(scores_by_prompt, ranks_by_prompt):
         for i in range(len(ranks)):
@@ -262,7 +266,7 @@ def pairwise_accuracy(scores_by_prompt, ranks_by_prompt) -> tuple[float, int]:
                 if ranks[i] < ranks[j]:
                     total += 1
                     right += scores[i] > scores[j]
-    return right / max(total, 1), total
+    return (right / total if total else float("nan")), total
 
 
 def mean_stderr(x) -> dict:

@@ -116,8 +116,10 @@ def test_rlhf_pipeline_runs_every_stage(kernel_specs, cpu_env, tmp_path):
     finals = dict(re.findall(r"(\w+) +final loss ([\d.]+)", text))
     assert sorted(finals) == ["dpo", "pretrain", "reward", "sft"]
     assert all(math.isfinite(float(v)) for v in finals.values())
-    [accuracy] = _numbers(r"reward model held-out accuracy ([\d.]+)", text)
-    assert 0.0 <= accuracy <= 1.0
+    # A few steps of a one-layer model may leave every held-out prompt's samples tied (all wrong): then there
+    # is no held-out pair, and the accuracy is NaN rather than a made-up number.
+    [(accuracy, pairs)] = _numbers(r"reward model held-out accuracy (nan|[\d.]+) on (\d+) pairs", text)
+    assert 0.0 <= accuracy <= 1.0 if pairs else math.isnan(accuracy)
     [(score0, score1, kl, gold0, gold1)] = _numbers(
         r"PPO score (-?[\d.]+) -> (-?[\d.]+), KL (-?[\d.]+), gold ([\d.]+) -> ([\d.]+)", text)
     assert all(math.isfinite(x) for x in (score0, score1, kl)) and 0 <= gold0 <= 1 and 0 <= gold1 <= 1
@@ -126,4 +128,6 @@ def test_rlhf_pipeline_runs_every_stage(kernel_specs, cpu_env, tmp_path):
     assert "== SFT" in text and "== PPO" in text and text.count("\nQ: ") >= 8
     assert _figures(nb) >= 3
     with open(tmp_path / "pipeline" / "report.json") as f:
-        assert json.load(f)["reward_model"]["heldout_accuracy"] == pytest.approx(accuracy, abs=1e-3)
+        rm = json.load(f)["reward_model"]
+    assert rm["heldout_pairs"] == pairs
+    assert rm["heldout_accuracy"] == pytest.approx(accuracy, abs=1e-3, nan_ok=True)
