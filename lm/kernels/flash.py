@@ -76,9 +76,6 @@ class _Static:
         """The same arrays viewed with smaller blocks (sizes that divide the current ones)."""
         return dataclasses.replace(self, block_q=min(block_q, self.block_q), block_k=min(block_k, self.block_k))
 
-    def tile_cap(self, itemsize: int) -> int:
-        return gpu_block_cap(self.head_dim, itemsize)
-
 
 def gpu_block_cap(head_dim: int, itemsize: int) -> int:
     """Off TPU: the largest block (a power of two >= 16) whose `[block, Dp]` tile fits GPU_TILE_BYTES."""
@@ -262,14 +259,13 @@ def _warps(c: _Static) -> int:
 
 def _forward_call(c: _Static, q5, k5, v5, *extras):
     """Output and log-sum-exp in `c`'s blocks; off TPU computed with blocks cut to fit shared memory."""
-    if c.target != "tpu":
-        cap = c.tile_cap(q5.dtype.itemsize)
-        if cap < max(c.block_q, c.block_k):
-            cs = c.reblocked(cap, cap)
-            o5, lse = _forward_blocks(cs, _view(q5, cs.block_q), _view(k5, cs.block_k), _view(v5, cs.block_k),
-                                      *_view_extras(cs, extras))
-            return _view(o5, c.block_q), _view(lse, c.block_q)
-    return _forward_blocks(c, q5, k5, v5, *extras)
+    if c.target == "tpu":
+        return _forward_blocks(c, q5, k5, v5, *extras)
+    cap = gpu_block_cap(c.head_dim, q5.dtype.itemsize)
+    cs = c.reblocked(cap, cap)
+    o5, lse = _forward_blocks(cs, _view(q5, cs.block_q), _view(k5, cs.block_k), _view(v5, cs.block_k),
+                              *_view_extras(cs, extras))
+    return _view(o5, c.block_q), _view(lse, c.block_q)
 
 
 def _forward_blocks(c: _Static, q5, k5, v5, *extras):
@@ -370,11 +366,11 @@ def _view_extras(c: _Static, extras):
 def _backward_call(c: _Static, q5, k5, v5, do5, lse, delta, *extras):
     """dQ, dK, dV in `c`'s blocks. Off TPU the side each kernel loops over uses short blocks (32), as Triton's
     own flash backward does, to keep the owned accumulators in registers, and the owned side is cut to fit
-    shared memory (`tile_cap`); TPU keeps the forward blocks."""
+    shared memory (`gpu_block_cap`); TPU keeps the forward blocks."""
     if c.target == "tpu":
         args = (q5, k5, v5, do5, lse, delta, *extras)
         return _dq_call(c, *args), *_dkv_call(c, *args)
-    cap = c.tile_cap(q5.dtype.itemsize)
+    cap = gpu_block_cap(c.head_dim, q5.dtype.itemsize)
     cq, ckv = c.reblocked(cap, BWD_LOOP_BLOCK), c.reblocked(BWD_LOOP_BLOCK, cap)
     qs = [_view(x, cq.block_q) for x in (q5, do5, lse, delta)]
     dq = _dq_call(cq, qs[0], _view(k5, cq.block_k), _view(v5, cq.block_k), *qs[1:], *_view_extras(cq, extras))
