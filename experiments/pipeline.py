@@ -106,14 +106,10 @@ def _samples(config, wd, sft_dir, files, task):
     return info
 
 
-def _reward(c, wd, sft_dir, tok_path):
+def _reward(c, wd):
     """The body of experiments/reward.py, with the score normalisation measured on the training samples."""
-    base_model, _ = experiments.init_from(c)
-    model_cfg = experiments.model_config(c, base_model)
-    tok = experiments.run_tokenizer(wd, tok_path)
-    experiments.save_config(c, wd)
+    model_cfg, _, sft_ckpt, tok = experiments.start_from_sft(c, wd, "the reward model starts from")
     mesh, rules = trainer.mesh_and_rules(c)
-    sft_ckpt = experiments.checkpoint_dir(sft_dir)
 
     def init_params(abstract):
         sft = checkpoint.load_params(sft_ckpt, reward.abstract_params(model_cfg, "lm", mesh, rules))
@@ -133,12 +129,9 @@ def _reward(c, wd, sft_dir, tok_path):
     return {"score_mean": mean, "score_std": std}
 
 
-def _ppo(c, wd, sft_dir, reward_dir, tok_path, task):
+def _ppo(c, wd, task):
     """PPO (rl.ppo_loop), grading every rollout with the labeler for the curves."""
-    base_model, _ = experiments.init_from(c)
-    model_cfg = experiments.model_config(c, base_model)
-    tok = experiments.run_tokenizer(wd, tok_path)
-    experiments.save_config(c, wd)
+    model_cfg, _, _, tok = experiments.start_from_sft(c, wd, "(actor and reference)")
     curve = os.path.join(wd, "gold.jsonl")
 
     def on_iteration(it, metrics, out, prompt_batch):
@@ -149,20 +142,16 @@ def _ppo(c, wd, sft_dir, reward_dir, tok_path, task):
         with open(curve, "a") as f:
             f.write(json.dumps({"step": it, "gold": float(np.mean(gold))}) + "\n")
 
-    ppo_loop.train(c, wd, model_cfg=model_cfg, tokenizer=tok, sft_dir=sft_dir, reward_dir=reward_dir,
+    ppo_loop.train(c, wd, model_cfg=model_cfg, tokenizer=tok, sft_dir=c.init_from, reward_dir=c.reward_from,
                    meta={"model": model_cfg.to_dict(), "config": c.to_dict()}, on_iteration=on_iteration)
     return {}
 
 
-def _dpo(c, wd, sft_dir, tok_path):
+def _dpo(c, wd):
     """The body of experiments/dpo.py."""
-    base_model, init_params = experiments.init_from(c)
-    model_cfg = experiments.model_config(c, base_model)
-    tok = experiments.run_tokenizer(wd, tok_path)
-    experiments.save_config(c, wd)
+    model_cfg, init_params, sft_ckpt, tok = experiments.start_from_sft(c, wd, "(policy start and reference)")
     mesh, rules = trainer.mesh_and_rules(c)
-    ref = checkpoint.load_params(experiments.checkpoint_dir(sft_dir),
-                                 reward.abstract_params(model_cfg, "lm", mesh, rules))
+    ref = checkpoint.load_params(sft_ckpt, reward.abstract_params(model_cfg, "lm", mesh, rules))
     kw = dict(experiments.data_kwargs(c), k=c.data.k, overlong=c.data.overlong)
     prefs = data.preference_dataset(c.data.path, tok, split="train", **kw)
     state = trainer.fit(c, wd, loss_fn=dpo.dpo_loss_fn(model_cfg, c.dpo.beta, c.dpo.label_smoothing),
@@ -403,9 +392,9 @@ def run(config, workdir: str) -> dict:
         "pretrain": lambda: _pretrain(c["pretrain"], dirs["pretrain"], tok),
         "sft": lambda: _sft(c["sft"], dirs["sft"], tok),
         "samples": lambda: _samples(config, dirs["samples"], dirs["sft"], files, task),
-        "reward": lambda: _reward(c["reward"], dirs["reward"], dirs["sft"], tok),
-        "ppo": lambda: _ppo(c["ppo"], dirs["ppo"], dirs["sft"], dirs["reward"], tok, task),
-        "dpo": lambda: _dpo(c["dpo"], dirs["dpo"], dirs["sft"], tok),
+        "reward": lambda: _reward(c["reward"], dirs["reward"]),
+        "ppo": lambda: _ppo(c["ppo"], dirs["ppo"], task),
+        "dpo": lambda: _dpo(c["dpo"], dirs["dpo"]),
         "eval": lambda: _evaluate(config, workdir, dirs, files, task),
     }
     timings = {}
