@@ -1,4 +1,4 @@
-"""Installable package for the `lm` and `rl` libraries (experiments and configs run from the repo root)."""
+"""Installable packages: the `lm` and `rl` libraries, the `experiments` launchers and demo, and `configs`."""
 from setuptools import find_packages, setup
 
 setup(
@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Pretraining, SFT, reward modelling and RLHF (PPO, DPO) for decoder LMs in JAX/Flax.",
     python_requires=">=3.10",
-    packages=find_packages(include=["lm", "lm.*", "rl", "rl.*"]),
+    packages=find_packages(include=["lm", "lm.*", "rl", "rl.*", "experiments", "configs"]),
     install_requires=[
         "jax>=0.6.2,<0.11",
         "jaxlib>=0.6.2,<0.11",

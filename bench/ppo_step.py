@@ -6,7 +6,7 @@ Both sides: a LLaMA-style policy, frozen reference, reward model and value model
 prompts of P tokens; N sampled tokens each (no stop token, so every response has N tokens) at temperature
 0.7 with log-probs recomputed at it; K-V-cached generation; then `epochs` PPO epochs over `mini_batches`
 mini-batches with the same objective (clipped policy + 0.1 x clipped value loss, k1 KL penalty, GAE,
-whitened advantages) and AdamW. Ours: `rl.ppo_trainer` (two jitted calls). TRL: `trl.experimental.ppo.
+whitened advantages) and AdamW. Ours: `rl.ppo_step` (two jitted calls). TRL: `trl.experimental.ppo.
 PPOTrainer` (PyTorch, `transformers` LlamaForCausalLM / LlamaForSequenceClassification) on CPU. Reports the
 median and minimum over `iters` iterations after one warm-up iteration (which includes compilation), the
 speed-up, and the share of each iteration spent generating. Needs `pip install trl==0.29.1`: its PPOTrainer
@@ -53,7 +53,7 @@ def bench_ours(a):
     from lm.config import ModelConfig
     from lm import sharding
     from lm.model import init_params
-    from rl import ppo_trainer as pt
+    from rl import ppo_step as pt
     from rl import reward
 
     cfg = ModelConfig(vocab_size=a.vocab, d_model=a.d_model, n_layers=a.layers, n_heads=a.heads, d_ff=a.d_ff,

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from configs import common  # noqa: E402
-from lm import losses, optim, presets, sharding, train  # noqa: E402
+from lm import losses, optim, presets, sharding, train_step  # noqa: E402
 from lm.model import Transformer  # noqa: E402
 
 LAYERS, D, HEADS, FF, VOCAB, SEQ, BATCH = 4, 512, 8, 1376, 32000, 256, 8
@@ -57,8 +57,8 @@ def jax_runner(batch):
     ocfg = common.optim(LR, WARMUP)
     tx, lr = optim.make_optimizer(ocfg, TOTAL)
     build = lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"]  # noqa: E731
-    state, shardings = train.init_state(build, tx, jax.random.PRNGKey(0), mesh)
-    step = train.make_train_step(losses.lm_loss_fn(model), tx, shardings, mesh, lr_schedule=lr)
+    state, shardings = train_step.init_state(build, tx, jax.random.PRNGKey(0), mesh)
+    step = train_step.make_train_step(losses.lm_loss_fn(model), tx, shardings, mesh, lr_schedule=lr)
     gbatch = sharding.global_batch(batch, mesh)
     holder = {"state": state}
 

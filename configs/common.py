@@ -9,6 +9,7 @@ import typing
 import ml_collections as mlc
 from ml_collections import config_dict
 
+from lm import sharding
 from lm.config import ModelConfig
 
 
@@ -29,22 +30,32 @@ def model(preset: str) -> mlc.ConfigDict:
     return c
 
 
+def rules() -> mlc.ConfigDict:
+    """lm.sharding.RULES as a config section: `{logical axis: "mesh_axis" | "axis1,axis2" | ""}`."""
+    return mlc.ConfigDict({name: ",".join((axes,) if isinstance(axes, str) else axes or ())
+                           for name, axes in sharding.RULES})
+
+
+def from_dataclass(cls, **values) -> mlc.ConfigDict:
+    """A config section with every field of the dataclass `cls` (its defaults, then `values`).
+
+    The dataclass is the one source of the defaults and documents each field in its docstring; the code
+    that uses the section builds `cls(**section)` from it.
+    """
+    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
+    return mlc.ConfigDict({**fields, **values})
+
+
 def mesh(shape=(1, -1, 1)) -> mlc.ConfigDict:
     c = mlc.ConfigDict()
     c.shape = shape  # devices per mesh axis; one -1 takes the remaining devices
     c.axes = ("data", "fsdp", "tensor")  # mesh axis names (the rules below refer to them)
     # Logical axis -> mesh axes ("a,b" for several, "" replicated); first match wins when a tensor would use
     # one mesh axis twice. A dim its mesh axes do not divide is replicated (with a warning).
-    c.rules = mlc.ConfigDict()  # one entry per logical axis name used by lm.model
-    c.rules.batch = "data,fsdp"  # rows of a batch: data parallel and FSDP
-    c.rules.embed = "fsdp"  # model width: parameters split ZeRO-3 style
-    c.rules.heads = "tensor"  # query heads: tensor parallel
-    c.rules.kv_heads = "tensor"  # key/value heads
-    c.rules.mlp = "tensor"  # MLP hidden units
-    c.rules.vocab = "tensor"  # embedding rows / logits
-    c.rules.length = ""  # sequence positions
-    c.rules.head_dim = ""  # per-head width
-    c.rules.layers = ""  # the scanned layer stack
+    c.rules = rules()  # one entry per logical axis name used by lm.model (default: lm.sharding.RULES)
     return c
 
 

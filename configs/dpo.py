@@ -6,16 +6,10 @@ SFT model as reference (rl.dpo). Presets: `tiny` (CPU), `llama-7b`, `bloom-7b1`,
 import ml_collections as mlc
 
 from configs import common
+from rl.dpo import DPOConfig
 from configs import reward as reward_config
 
 PRESETS = ("tiny", "llama-7b", "bloom-7b1", "glm-6b")
-
-
-def dpo():
-    c = mlc.ConfigDict()
-    c.beta = 0.1  # strength of the implicit KL to the reference (DPO paper and TRL: 0.1)
-    c.label_smoothing = 0.0  # conservative DPO: assumed label-flip probability (TRL: 0.0)
-    return c
 
 
 def get_config(preset: str = "tiny"):
@@ -34,5 +28,5 @@ def get_config(preset: str = "tiny"):
     else:
         raise ValueError(f"unknown dpo preset {preset!r}; choose one of {PRESETS}")
     c.optim.weight_decay = 0.0
-    c.dpo = dpo()
+    c.dpo = common.from_dataclass(DPOConfig)  # beta, label smoothing (rl.dpo.DPOConfig documents them)
     return c

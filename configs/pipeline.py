@@ -1,4 +1,4 @@
-"""The whole ChatGPT recipe on the bundled QA task (rl.task): `python -m experiments.pipeline
+"""The whole ChatGPT recipe on the bundled QA task (experiments.qa_task): `python -m experiments.pipeline
 --config=configs/pipeline.py:tiny --workdir=DIR`.
 
 Stages, each in `DIR/<stage>` and skipped when already done: tokenizer -> pretrain -> sft -> samples (K
@@ -16,8 +16,8 @@ PRESETS = ("tiny",)
 
 def task():
     c = mlc.ConfigDict()
-    c.facts = "data/qa/facts.tsv"  # the knowledge base the labeler grades against (rl.task)
-    c.data_dir = "data/qa"  # data derived from it (rl.task.write_data): pretrain/, sft.jsonl, *_prompts.jsonl
+    c.facts = "data/qa/facts.tsv"  # the knowledge base the labeler grades against (experiments.qa_task)
+    c.data_dir = "data/qa"  # data derived from it (experiments.qa_task.write_data): pretrain/, sft.jsonl, *_prompts.jsonl
     return c
 
 
@@ -29,7 +29,7 @@ def tokenizer(vocab_size: int):
 
 def samples(k: int, temperature: float, max_new_tokens: int):
     c = mlc.ConfigDict()
-    # Prompt sets (rl.task.data_files names) of the reward model's training comparisons; its held-out ones
+    # Prompt sets (experiments.qa_task.data_files names) of the reward model's training comparisons; its held-out ones
     # are always `rm_eval`, over facts no other set asks about.
     c.train_prompts = ("rl", "sft")
     c.k = k  # responses sampled from the SFT model per prompt, then ranked by the labeler (InstructGPT: 4-9)

@@ -8,6 +8,7 @@ trained with the K-wise ranking loss (rl.reward.ranking_loss) on ranked response
 import ml_collections as mlc
 
 from configs import common
+from rl.reward import RewardConfig
 
 PRESETS = ("tiny", "llama-7b", "bloom-7b1", "glm-6b")
 
@@ -22,15 +23,6 @@ def data(seq_len: int, k: int):
     c.overlong = "error"  # a response longer than seq_len: "error" (names it) or "truncate"
     c.eval_fraction = 0.1  # share of prompts held out (held-out pairwise accuracy)
     c.cache_dir = ""  # prepared datasets; "" = $LM_DATA_CACHE or ~/.cache/chatgpt-jax/tfds
-    return c
-
-
-def reward(normalize_batches: int = 8):
-    c = mlc.ConfigDict()
-    c.head_init = "normal"  # new scalar head: "normal" (the model's initialiser) or "zeros"
-    # After training, measure the mean/std of scores on this many training batches (the SFT policy's
-    # responses, in the pipeline) and save them so PPO sees scores with mean 0, std 1 (InstructGPT); 0 = off.
-    c.normalize_batches = normalize_batches
     return c
 
 
@@ -51,5 +43,5 @@ def get_config(preset: str = "tiny"):
         c.model.overrides.remat = "full"  # K x B sequences per step: recompute blocks in the backward pass
     else:
         raise ValueError(f"unknown reward preset {preset!r}; choose one of {PRESETS}")
-    c.reward = reward()
+    c.reward = common.from_dataclass(RewardConfig)  # head init, score normalisation (rl.reward.RewardConfig)
     return c

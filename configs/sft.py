@@ -29,7 +29,7 @@ def get_config(preset: str = "tiny"):
         c = common.base(model_preset="llama-tiny", steps=200, batch_size=8, lr=1e-3, warmup_steps=20,
                         checkpoint_every=100, log_every=10, eval_every=100)
         c.data = data(seq_len=128)  # what to read and how
-        c.model.overrides.vocab_size = 2048  # as configs/pretrain.py:tiny (ignored with init_from: that run's model)
+        c.model.overrides.vocab_size = 2048  # as configs/pretrain.py:tiny (with init_from it must match that run)
     elif preset in ("llama-7b", "bloom-7b1", "glm-6b"):
         # Alpaca / InstructGPT-style SFT: lr 2e-5, batch 128, cosine, about 3 epochs of ~50k examples.
         c = common.base(model_preset=preset, steps=1200, batch_size=128, lr=2e-5, warmup_steps=40,

@@ -1,14 +1,33 @@
 """Decoder language models in JAX/Flax: one Transformer for LLaMA, BLOOM, GLM, Baichuan and GPT.
 
-Public API: `ModelConfig` and `presets` (architectures), `Transformer`, `init_params`, `init_cache`,
-`count_params`, `default_positions` (the model), `generate` (KV-cache sampling), `hf` (Hugging Face
-checkpoints), `tokenizer` and `data` (sentencepiece, tfds/grain pipelines), `kernels` (attention and RoPE).
-Training machinery lives in `lm.sharding`, `lm.optim`, `lm.train`, `lm.trainer`, `lm.losses`, `lm.checkpoint`.
-"""
-from lm.config import ModelConfig
-from lm.model import Transformer, count_params, default_positions, init_cache, init_params
-from lm import data, hf, kernels, presets, tokenizer
-from lm.generate import generate
+Public API (`lm.X`): `ModelConfig` and `presets` (architectures); `Transformer`, `init_params`,
+`boxed_params`, `abstract_params`, `init_cache`, `count_params`, `default_positions` (the model);
+`generate` and `stream` (KV-cache sampling); `load` (any run directory or Hugging Face directory ->
+`(config, params, tokenizer)`); `stages` (`pretrain`, `sft` as `(config, workdir)` functions); `loop` (the
+one training loop); `hf`, `tokenizer`, `data`, `kernels`. Submodules load on first use, so `import lm`
+costs little more than `import jax`.
 
-__all__ = ["ModelConfig", "Transformer", "count_params", "data", "default_positions", "generate", "hf",
-           "init_cache", "init_params", "kernels", "presets", "tokenizer"]
+How the code is layered (see also docs/architecture.md):
+  lm.config / lm.presets / lm.model / lm.kernels   the model: one Transformer, families as presets
+  lm.generation, lm.sampling                       KV-cache decoding
+  lm.train_step (a step) / lm.loop (the loop)      `state, metrics = step(state, batch)`, and the one loop
+                                                   that runs any step: resume, logging, eval, checkpoints,
+                                                   non-finite streak, preemption
+  lm.checkpoint, lm.runs                           orbax checkpoints of any state; run directories and `load`
+  lm.stages                                        pretrain and SFT as library functions
+  rl (on top of lm)                                reward model, PPO, DPO: pure math + steps + stages
+  experiments (on top of both)                     launchers (flags -> one stage call), the demo pipeline
+"""
+from lm import _lazy
+from lm.config import ModelConfig
+
+_ATTRS = {
+    "Transformer": "lm.model", "count_params": "lm.model", "default_positions": "lm.model",
+    "init_cache": "lm.model", "init_params": "lm.model", "boxed_params": "lm.model",
+    "abstract_params": "lm.model", "generate": "lm.generation", "stream": "lm.generation", "load": "lm.runs",
+}
+_MODULES = ("checkpoint", "data", "distributed", "generation", "hf", "kernels", "logging_utils", "loop", "losses",
+            "model", "optim", "presets", "runs", "sampling", "sharding", "stages", "tokenizer", "train_step")
+
+__all__ = ["ModelConfig", *sorted(_ATTRS), *_MODULES]
+__getattr__, __dir__ = _lazy.attributes(__name__, _ATTRS, _MODULES)

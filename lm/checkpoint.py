@@ -1,20 +1,29 @@
-"""Orbax checkpoints of a train state, the data iterator's position and the run's metadata.
+"""Orbax checkpoints of any train state, the data iterator's position and the run's metadata.
 
-One step directory holds four items: `params` (the parameters alone, so later stages can load them without
-the optimiser), `train` (optimiser state, step, RNG, skip counters), `data` (grain iterator state, one JSON
-file per process) and `meta` (JSON: model config, run config). Saves are asynchronous and atomic (orbax
-writes to a temporary directory and renames it on commit); all processes take part in every save.
+A state is a flax struct dataclass whose leaves are arrays and which has a `params` field (lm.train_step's
+`TrainState`, rl.ppo_step's `PPOState`, or any new algorithm's). One step directory holds four items:
+`params` (the parameters alone, so later stages load them without the optimiser), `train` (every other
+field of the state: optimiser, step, RNG, counters, a KL coefficient...), `data` (grain iterator state, one
+JSON file per process) and `meta` (JSON: model config, run config). Saves are asynchronous and atomic
+(orbax writes to a temporary directory and renames it on commit); all processes take part in every save.
+
+A committed checkpoint can still be damaged later (a truncated copy, a full disk on another tool's write):
+restoring then names it, moves it aside as `STEP.damaged` and falls back to the newest intact one.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import grain.checkpoint as grain_ckpt
 import jax
 import orbax.checkpoint as ocp
 
-from lm.train import TrainState
+from lm import distributed
+
+log = logging.getLogger(__name__)
 
 
 def _handlers():
@@ -27,9 +36,9 @@ def _manager(directory: str, **options) -> ocp.CheckpointManager:
                                  options=ocp.CheckpointManagerOptions(**options))
 
 
-def _train_item(state: TrainState) -> dict:
-    return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng, "skipped": state.skipped,
-            "bad_streak": state.bad_streak}
+def _train_item(state) -> dict:
+    """Every field of `state` but its params."""
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "params"}
 
 
 def _with_sharding(abstract):
@@ -57,6 +66,41 @@ def check_shapes(saved, expected, where: str) -> None:
                          + "\n  ".join(problems[:5]) + more)
 
 
+class CheckpointMismatch(ValueError):
+    """The checkpoint is intact but belongs to another model: an error of the run's config, not damage."""
+
+
+def _newest_intact(mngr: ocp.CheckpointManager, directory: str, read: Callable[[int], Any],
+                   step: Optional[int] = None):
+    """`(step, read(step))` for `step`, or else the newest step that reads back; damaged ones are set aside.
+
+    A step whose files fail to read (truncated JSON, missing arrays) is named in a warning, renamed to
+    `STEP.damaged` (so a resumed run can write that step again) and the next older one is tried.
+    """
+    steps = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
+    if not steps:
+        raise FileNotFoundError(f"no committed checkpoint in {directory}")
+    damaged = []
+    for s in steps:
+        try:
+            return s, read(s)
+        except CheckpointMismatch:
+            raise
+        except Exception as e:  # orbax/tensorstore raise many types for unreadable files
+            if step is not None:
+                raise RuntimeError(f"checkpoint {directory}/{s} is damaged: {type(e).__name__}: {e}") from e
+            damaged.append(s)
+            older = [t for t in steps if t < s]
+            log.warning("checkpoint %s/%d is damaged (%s: %s); %s", directory, s, type(e).__name__,
+                        str(e).splitlines()[0][:300], f"trying step {older[0]}" if older else "no older one")
+            if distributed.is_primary():
+                os.replace(os.path.join(directory, str(s)), os.path.join(directory, f"{s}.damaged"))
+            distributed.barrier(f"damaged_checkpoint_{s}")
+            mngr.reload()
+    raise RuntimeError(f"every checkpoint in {directory} is damaged (steps {damaged}, now *.damaged); "
+                       "delete the directory to start the run afresh")
+
+
 class Checkpointer:
     """Saves every `every_steps` steps (and when forced), keeps the last `max_to_keep`, restores any of them."""
 
@@ -74,7 +118,7 @@ class Checkpointer:
     def should_save(self, step: int) -> bool:
         return self.every_steps > 0 and step % self.every_steps == 0
 
-    def save(self, step: int, state: TrainState, data_iter=None, meta: Optional[Mapping[str, Any]] = None,
+    def save(self, step: int, state, data_iter=None, meta: Optional[Mapping[str, Any]] = None,
              force: bool = False) -> bool:
         """Save `state` (and the iterator position and metadata) as `step` if due or `force`; returns saved?"""
         if not (force or self.should_save(step)) or step in self._saved or step in self._mngr.all_steps():
@@ -86,21 +130,33 @@ class Checkpointer:
             items["data"] = grain_ckpt.CheckpointSave(data_iter)
         return self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
-    def restore(self, abstract_state: TrainState, step: Optional[int] = None, data_iter=None) -> TrainState:
-        """The state saved at `step` (default: latest) laid out as `abstract_state` says (any mesh).
+    def restore(self, abstract_state, step: Optional[int] = None, data_iter=None,
+                check_meta: Optional[Callable[[dict, str], None]] = None):
+        """The state saved at `step` (default: the newest intact one) laid out as `abstract_state` says.
 
-        abstract_state: `jax.ShapeDtypeStruct`s with shardings (see lm.train.state_shardings). When
-        `data_iter` is given its position is restored in place.
+        abstract_state: the state's type filled with `jax.ShapeDtypeStruct`s that carry shardings (any mesh;
+        see lm.train_step.state_shardings). When `data_iter` is given its position is restored in place.
+        check_meta: `f(saved_meta, where)` raising a ValueError when the checkpoint does not belong to this
+        run (e.g. another model config); it is not mistaken for damage.
         """
-        step = self.latest_step() if step is None else step
-        where = f"{self.directory}/{step}"
-        check_shapes(self._mngr.item_metadata(step)["params"].tree, abstract_state.params, where)
-        items = {"params": ocp.args.StandardRestore(abstract_state.params),
-                 "train": ocp.args.StandardRestore(_train_item(abstract_state))}
-        if data_iter is not None:
-            items["data"] = grain_ckpt.CheckpointRestore(data_iter)
-        out = self._mngr.restore(step, args=ocp.args.Composite(**items))
-        return TrainState(params=out["params"], **out["train"])
+        def read(s):
+            where = f"{self.directory}/{s}"
+            meta = self._mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            try:
+                if check_meta is not None:
+                    check_meta(meta, where)
+                check_shapes(self._mngr.item_metadata(s)["params"].tree, abstract_state.params, where)
+            except ValueError as e:
+                raise CheckpointMismatch(str(e)) from None
+            items = {"params": ocp.args.StandardRestore(abstract_state.params),
+                     "train": ocp.args.StandardRestore(_train_item(abstract_state))}
+            if data_iter is not None:
+                items["data"] = grain_ckpt.CheckpointRestore(data_iter)
+            out = self._mngr.restore(s, args=ocp.args.Composite(**items))
+            return type(abstract_state)(params=out["params"], **out["train"])
+
+        _, state = _newest_intact(self._mngr, self.directory, read, step)
+        return state
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are committed."""
@@ -122,36 +178,36 @@ def latest_step(directory: str) -> Optional[int]:
         mngr.close()
 
 
-def load_params(directory: str, abstract_params, step: Optional[int] = None):
-    """Only the parameters of a checkpoint (e.g. SFT starting from pretraining), laid out as `abstract_params`.
-
-    directory: a run's checkpoint directory (`WORKDIR/checkpoints`); a clear error if it holds none or if
-    the saved tensors do not have the shapes of `abstract_params`. Leaves of `abstract_params` without a
-    sharding are loaded onto the first local device.
-    """
+def _read(directory: str, read: Callable[[ocp.CheckpointManager, int], Any], step: Optional[int]):
     directory = os.path.abspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoint directory at {directory}")
     mngr = _manager(directory, create=False)
     try:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no committed checkpoint in {directory}")
-        check_shapes(mngr.item_metadata(step)["params"].tree, abstract_params, f"{directory}/{step}")
-        target = ocp.args.StandardRestore(_with_sharding(abstract_params))
-        return mngr.restore(step, args=ocp.args.Composite(params=target))["params"]
+        return _newest_intact(mngr, directory, lambda s: read(mngr, s), step)[1]
     finally:
         mngr.close()
+
+
+def load_params(directory: str, abstract_params, step: Optional[int] = None):
+    """Only the parameters of a checkpoint (e.g. SFT starting from pretraining), laid out as `abstract_params`.
+
+    directory: a run's checkpoint directory (`WORKDIR/checkpoints`); a clear error if it holds none or if
+    the saved tensors do not have the shapes of `abstract_params`. Leaves of `abstract_params` without a
+    sharding are loaded onto the first local device. Without `step`, the newest intact checkpoint.
+    """
+    def read(mngr, s):
+        try:
+            check_shapes(mngr.item_metadata(s)["params"].tree, abstract_params, f"{directory}/{s}")
+        except ValueError as e:
+            raise CheckpointMismatch(str(e)) from None
+        target = ocp.args.StandardRestore(_with_sharding(abstract_params))
+        return mngr.restore(s, args=ocp.args.Composite(params=target))["params"]
+
+    return _read(directory, read, step)
 
 
 def load_meta(directory: str, step: Optional[int] = None) -> dict:
-    """The JSON metadata (model config, run config) of a checkpoint directory's `step` (default: latest)."""
-    directory = os.path.abspath(directory)
-    mngr = _manager(directory, create=False)
-    try:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no committed checkpoint in {directory}")
-        return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    finally:
-        mngr.close()
+    """The JSON metadata (model config, run config) of a checkpoint directory's `step` (default: newest)."""
+    return _read(directory, lambda mngr, s: mngr.restore(s, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"], step)

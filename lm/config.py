@@ -8,6 +8,12 @@ from typing import Literal, Optional
 import jax.numpy as jnp
 
 
+# Fields that change how a model runs or trains, not the function it computes: a run may resume or start from
+# a checkpoint with other values of these (bf16 compute, remat, kernels, a longer cache for RoPE models).
+RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat", "scan_unroll", "init_std", "embed_grad_scale",
+                  "max_len")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Architecture of one decoder Transformer. Families (LLaMA, BLOOM, GLM, ...) are presets of this.
@@ -153,6 +159,17 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def check_same_model(self, other: "ModelConfig", where: str) -> None:
+        """Raise a ValueError naming every field, other than how the model runs (`RUNTIME_FIELDS`), in which
+        `other` differs from this config: e.g. a RoPE checkpoint resumed with `position="alibi"` has the same
+        shapes but computes another function."""
+        diffs = [f"{f.name}: {getattr(self, f.name)!r} there, {getattr(other, f.name)!r} here"
+                 for f in dataclasses.fields(self)
+                 if f.name not in RUNTIME_FIELDS and getattr(self, f.name) != getattr(other, f.name)]
+        if diffs:
+            raise ValueError(f"{where} holds another model than this run's config describes:\n  " + "\n  ".join(diffs)
+                             + "\ndrop those model.overrides (or set them to the saved values)")
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":

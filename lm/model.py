@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import kernels
+from lm import kernels, sharding
 from lm.config import ModelConfig
 
 Cache = dict  # {"k": [L, B, S, Hkv, D], "v": [L, B, S, Hkv, D]}
@@ -272,11 +272,32 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: Optional[int] = None, dtyp
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
+def boxed_params(cfg: ModelConfig, rng, head: str = "lm", batch: int = 1, length: int = 8):
+    """Randomly initialised parameters of `Transformer(cfg, head)`, boxed with their logical axis names.
+
+    The one init of the codebase: unbox it (`init_params`), `jax.eval_shape` it for shapes and shardings
+    (`abstract_params`), or hand `functools.partial(boxed_params, cfg)` to a trainer as its `rng -> params`.
+    """
+    tokens = jnp.zeros((batch, length), jnp.int32)
+    return Transformer(cfg, head=head).init(rng, tokens, prefix_len=jnp.zeros((batch,), jnp.int32))["params"]
+
+
 def init_params(cfg: ModelConfig, rng, head: str = "lm", batch: int = 1, length: int = 8):
     """Randomly initialised, unboxed parameters of `Transformer(cfg, head)`."""
-    tokens = jnp.zeros((batch, length), jnp.int32)
-    variables = Transformer(cfg, head=head).init(rng, tokens, prefix_len=jnp.zeros((batch,), jnp.int32))
-    return nn.unbox(variables["params"])
+    return nn.unbox(boxed_params(cfg, rng, head, batch, length))
+
+
+def abstract_params(cfg: ModelConfig, head: str = "lm", mesh=None, rules=None):
+    """`jax.ShapeDtypeStruct`s of `Transformer(cfg, head)`'s parameters (nothing is allocated).
+
+    With a `mesh`, each carries its sharding under the logical-axis `rules` (default lm.sharding.RULES): the
+    restore target of a checkpoint on that mesh.
+    """
+    boxed = jax.eval_shape(functools.partial(boxed_params, cfg, head=head), jax.random.key(0))
+    if mesh is None:
+        return nn.unbox(boxed)
+    shardings = sharding.tree_shardings(boxed, mesh, sharding.RULES if rules is None else rules)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)
 
 
 def count_params(cfg: ModelConfig, head: str = "lm") -> int:

@@ -6,6 +6,8 @@ as in the reward model's ranking loss. Reference log-probs are computed once per
 """
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,22 @@ from lm import sharding
 from lm.config import ModelConfig
 from lm.losses import token_log_probs
 from lm.model import Transformer
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPOConfig:
+    """DPO recipe (configs/dpo.py's `dpo` section is built from it).
+
+    Attributes:
+      beta: strength of the implicit KL to the reference (DPO paper and TRL: 0.1).
+      label_smoothing: conservative DPO, the assumed probability that a label is flipped (TRL: 0.0).
+    """
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if self.beta <= 0 or not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"dpo: beta={self.beta} must be > 0 and label_smoothing={self.label_smoothing} in [0, 0.5)")
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0):
@@ -62,11 +80,13 @@ def ranked_dpo_loss(policy_logps, ref_logps, ranks, beta: float, label_smoothing
     return loss, metrics
 
 
-def sequence_logprobs(cfg: ModelConfig, params, inputs, targets, loss_mask, prefix_len=None):
+def sequence_logprobs(cfg: ModelConfig, params, inputs, targets, loss_mask, prefix_len=None,
+                      temperature: float = 1.0):
     """Summed log-probs of the response tokens, `[B, K]`, from LM-convention arrays `[B, K, T]`.
 
     inputs/targets/loss_mask follow lm.data.preference_dataset: `targets` are the next tokens and
     `loss_mask` is 1 on response tokens (and their eos). prefix_len: `[B, K]` for prefix-LM models (GLM).
+    temperature: log-probs under `softmax(logits / temperature)` (a policy sampled at that temperature).
     """
     if inputs.ndim != 3 or targets.shape != inputs.shape or loss_mask.shape != inputs.shape:
         raise ValueError(f"rl.dpo.sequence_logprobs: inputs {tuple(inputs.shape)}, targets {tuple(targets.shape)} "
@@ -74,6 +94,8 @@ def sequence_logprobs(cfg: ModelConfig, params, inputs, targets, loss_mask, pref
     b, k, t = inputs.shape
     flat_prefix = None if prefix_len is None else prefix_len.reshape(b * k)
     logits = Transformer(cfg).apply({"params": params}, inputs.reshape(b * k, t), prefix_len=flat_prefix)
+    if temperature != 1.0:
+        logits = logits / temperature
     tok_logp = token_log_probs(logits, targets.reshape(b * k, t))
     return (tok_logp * loss_mask.reshape(b * k, t).astype(jnp.float32)).sum(-1).reshape(b, k)
 

@@ -2,7 +2,7 @@
 
 Shapes: `B` rollouts, `T` response tokens. `mask` is float `[B, T]` with 1 on real response tokens (up to
 and including EOS) and 0 on padding after the end. The stateful loop that moves models and data lives in
-`rl.ppo_trainer`; everything here is testable against a NumPy loop.
+`rl.ppo_step`; everything here is testable against a NumPy loop.
 """
 from __future__ import annotations
 

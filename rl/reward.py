@@ -6,17 +6,36 @@ last non-pad token. Preference batches hold K responses per prompt: `tokens [B, 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from typing import Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import checkpoint, sharding
+from lm import runs
 from lm.config import ModelConfig
 from lm.model import Transformer, init_params
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RewardConfig:
+    """Reward-model recipe beside its training loop (configs/reward.py's `reward` section is built from it).
+
+    Attributes:
+      head_init: the new scalar head: "normal" (the model's initialiser) or "zeros".
+      normalize: after training, score every training response once and save their mean and std
+        (`reward_norm.json`), so that `load` gives scores with mean 0 and std 1 on the SFT policy's
+        responses, as InstructGPT normalises its reward model before RL.
+    """
+    head_init: str = "normal"
+    normalize: bool = True
+
+    def __post_init__(self):
+        if self.head_init not in ("normal", "zeros"):
+            raise ValueError(f"reward.head_init={self.head_init!r} must be 'normal' or 'zeros'")
 
 
 def ranking_loss(scores, ranks):
@@ -86,17 +105,6 @@ def reward_loss_fn(cfg: ModelConfig):
     return loss_fn
 
 
-def abstract_params(cfg: ModelConfig, head: str, mesh, rules=sharding.RULES):
-    """Sharded `jax.ShapeDtypeStruct`s of `Transformer(cfg, head)`'s params on `mesh` (restore targets)."""
-    def build(rng):
-        tokens = jnp.zeros((1, 8), jnp.int32)
-        return Transformer(cfg, head=head).init(rng, tokens, prefix_len=jnp.zeros((1,), jnp.int32))["params"]
-
-    boxed = jax.eval_shape(build, jax.random.key(0))
-    shardings = sharding.tree_shardings(boxed, mesh, rules)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)
-
-
 def init_from_sft(cfg: ModelConfig, sft_params, rng, head_init: str = "normal"):
     """Scalar-head parameters whose trunk is a copy of `sft_params` and whose `score` head is new.
 
@@ -150,17 +158,16 @@ def save_normalization(workdir: str, mean: float, std: float, count: int) -> str
     return path
 
 
-def load(run_dir: str, abstract_params, normalize: bool = True):
-    """A trained reward model's params (the latest checkpoint of `run_dir`), laid out as `abstract_params`.
+def load(run_dir: str, *, cfg: Optional[ModelConfig] = None, mesh=None, rules=None, normalize: bool = True):
+    """`(ModelConfig, params)` of a trained reward model (a reward run's newest intact checkpoint).
 
-    With `normalize` and a `reward_norm.json` in the run directory, the head is rescaled (`normalize_head`)
-    so the SFT policy's responses score with mean 0 and std 1.
+    Params land on `mesh` under `rules`, in the layout of `cfg` when given (lm.runs.load). With `normalize` and a `reward_norm.json` in the run
+    directory, the head is rescaled (`normalize_head`) so the SFT policy's responses score with mean 0, std 1.
     """
-    ckpt = os.path.join(run_dir, "checkpoints")
-    params = checkpoint.load_params(ckpt if os.path.isdir(ckpt) else run_dir, abstract_params)
-    norm = os.path.join(run_dir, NORM_FILE)
+    cfg, params, _ = runs.load(run_dir, mesh=mesh, rules=rules, head="scalar", cfg=cfg)
+    norm = os.path.join(runs.run_dir(runs.checkpoint_dir(run_dir)), NORM_FILE)
     if normalize and os.path.exists(norm):
         with open(norm) as f:
             stats = json.load(f)
         params = normalize_head(params, stats["mean"], stats["std"])
-    return params
+    return cfg, params

@@ -1,5 +1,5 @@
-"""The chat REPL: streamed replies equal `lm.generate`, the history is templated and trimmed, run and Hugging
-Face directories load onto a mesh, and a scripted session over stdin answers every turn and exits 0."""
+"""The chat REPL: streamed replies equal `lm.generate`, the history is templated and trimmed, `lm.load` reads run
+(LM, PPO, reward) and Hugging Face directories onto a mesh, and a scripted session over stdin answers every turn and exits 0."""
 import functools
 import io
 import json
@@ -9,22 +9,21 @@ import shutil
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import numpy as np
 import optax
 import pytest
 
-import experiments
+import lm
 from experiments import chat
 from jax.sharding import PartitionSpec as P
 
 from lm import checkpoint, hf, presets, sharding
 from lm.data import format_prompt
-from lm.generate import generate
-from lm.model import init_params
+from lm.generation import generate, stream
+from lm.model import abstract_params, init_params
 from lm.tokenizer import Tokenizer
-from lm.train import TrainState
+from lm.train_step import TrainState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Fields a Hugging Face config.json does not carry (training-time choices).
@@ -75,7 +74,7 @@ def test_greedy_stream_equals_generate(name, tok):
     prompt = format_prompt(tok, "What is the capital of France?").tolist()
     eos = tok.eos_id
     want = generate(cfg, params, [prompt], 11, eos_id=eos)[0]
-    pieces = list(chat.stream(cfg, params, prompt, max_new_tokens=11, eos_id=eos, rng=jax.random.key(0),
+    pieces = list(stream(cfg, params, prompt, max_new_tokens=11, eos_id=eos, rng=jax.random.key(0),
                               temperature=0.0, chunk=4))
     assert all(1 <= len(p) <= 4 for p in pieces)
     got = sum(pieces, [])
@@ -86,12 +85,17 @@ def test_greedy_stream_equals_generate(name, tok):
 def test_sampled_stream_respects_top_k_and_length(tok):
     cfg, params = _model("llama-tiny", tok.vocab_size)
     prompt = format_prompt(tok, "Hello").tolist()
-    got = sum(chat.stream(cfg, params, prompt, max_new_tokens=10, eos_id=tok.eos_id, rng=jax.random.key(1),
+    got = sum(stream(cfg, params, prompt, max_new_tokens=10, eos_id=tok.eos_id, rng=jax.random.key(1),
                           temperature=1.0, top_k=1, chunk=4), [])
-    greedy = sum(chat.stream(cfg, params, prompt, max_new_tokens=10, eos_id=tok.eos_id, rng=jax.random.key(2),
+    greedy = sum(stream(cfg, params, prompt, max_new_tokens=10, eos_id=tok.eos_id, rng=jax.random.key(2),
                              temperature=0.0, chunk=4), [])
     assert got == greedy  # top_k=1 leaves only the argmax
     assert len(got) <= 10
+    # Sampled, a stream draws the tokens `generate` draws with the same key.
+    want = generate(cfg, params, [prompt], 10, temperature=1.0, eos_id=tok.eos_id, seed=5)[0]
+    got = sum(stream(cfg, params, prompt, max_new_tokens=10, eos_id=tok.eos_id, rng=jax.random.key(5),
+                     temperature=1.0, chunk=4), [])
+    assert got == [t for t in want if t != tok.eos_id] and got != greedy
 
 
 def test_session_history_template_reset_and_trimming(tok, run_dir):
@@ -116,13 +120,14 @@ def test_session_history_template_reset_and_trimming(tok, run_dir):
 def test_bad_inputs_name_the_problem(tok, run_dir, tmp_path):
     _, cfg, params = run_dir
     with pytest.raises(FileNotFoundError, match="no such directory"):
-        chat.load_model(str(tmp_path / "missing"), mesh=None)
+        lm.load(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="vocab_size"):
         chat.ChatSession(cfg.replace(vocab_size=100), params, tok)
     with pytest.raises(ValueError, match="max_len"):
         chat.ChatSession(cfg, params, tok, max_new_tokens=cfg.max_len)
-    assert chat.default_tokenizer(str(tmp_path)) is None
-    assert chat.default_tokenizer(str(run_dir[0] / "checkpoints")) == str(run_dir[0] / "tokenizer.model")
+    assert lm.load(str(run_dir[0] / "checkpoints"))[2].path == str(run_dir[0] / "tokenizer.model")
+    p = _chat([f"--checkpoint={run_dir[0] / 'checkpoints'}", "--tokenizer=/no/such.model"], "")
+    assert p.returncode == 2 and "/no/such.model" in p.stderr, p.stderr[-2000:]
 
 
 def _chat(args, stdin):
@@ -149,21 +154,29 @@ def test_scripted_session_over_stdin(run_dir):
     assert "never read" not in p.stdout
 
 
-def test_load_model_reads_run_ppo_and_hf_directories(run_dir, tmp_path):
+def test_load_reads_run_ppo_reward_and_hf_directories(run_dir, tmp_path):
     run, cfg, params = run_dir
     hf.save(cfg, params, tmp_path / "hf")
-    shapes = nn.unbox(jax.eval_shape(experiments.build_params(cfg, "scalar"), jax.random.key(0)))
-    critic = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-    _save(tmp_path / "ppo", {"actor": params, "critic": critic}, {"model": cfg.to_dict(), "stage": "ppo"})
+    critic = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(cfg, "scalar"))
+    _save(tmp_path / "ppo", {"actor": params, "critic": critic},
+          {"model": cfg.to_dict(), "stage": "ppo", "params": {"actor": "lm", "critic": "scalar"}, "policy": "actor"})
     mesh = sharding.make_mesh((1, -1, 1))
     for path in (run, run / "checkpoints", tmp_path / "hf", tmp_path / "ppo"):
-        got_cfg, got = chat.load_model(str(path), mesh)
+        got_cfg, got, _ = lm.load(str(path), mesh=mesh, rules=chat.CHAT_RULES, head="lm")
         assert got_cfg.to_dict() == {**cfg.to_dict(), **{k: got_cfg.to_dict()[k] for k in HF_UNSTORED}}
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(params))
         assert got["embed"]["embedding"].sharding.spec == P("tensor", "fsdp")
+    got_cfg, got, got_tok = lm.load(str(run))  # no mesh: on the first device, with the run's tokenizer
+    assert got["embed"]["embedding"].devices() == {jax.devices()[0]} and got_tok.vocab_size == cfg.vocab_size
     _save(tmp_path / "rm", critic, {"model": cfg.to_dict(), "stage": "reward", "head": "scalar"})
     with pytest.raises(ValueError, match="reward model"):
-        chat.load_model(str(tmp_path / "rm"), mesh)
+        lm.load(str(tmp_path / "rm"), mesh=mesh, head="lm")
+    _, rm, _ = lm.load(str(tmp_path / "rm"))
+    assert "score" in rm and "lm_head" not in rm
+    # A config that computes another function (same shapes) is refused, naming the field.
+    with pytest.raises(ValueError, match="position: 'rope' there, 'alibi' here"):
+        lm.load(str(run), cfg=cfg.replace(position="alibi"))
+    assert lm.load(str(run), cfg=cfg.replace(dtype="bfloat16"))[0].dtype == "bfloat16"
 
 
 def test_repl_commands_and_end_of_input(tok, run_dir):

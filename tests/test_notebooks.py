@@ -1,5 +1,6 @@
 """The Colab notebooks: stored clean (nbformat v4, no outputs, one `parameters` cell), and each one runs headless
-on CPU at tiny size (parameters overridden papermill-style: a cell injected after the `parameters` cell)."""
+on CPU as shipped, at its default parameters, as a user runs it (only the pipeline's WORKDIR is moved to a
+temporary directory, papermill-style: a cell injected after the `parameters` cell)."""
 import json
 import math
 import os
@@ -58,6 +59,14 @@ def run_notebook(name, params, kernel_specs, timeout=600):
     return nb
 
 
+def _defaults(name):
+    """The notebook's shipped parameter values (its `parameters` cell, executed)."""
+    cell = next(c for c in _load(name).cells if "parameters" in c.metadata.get("tags", []))
+    values = {}
+    exec(cell.source, {}, values)
+    return values
+
+
 def _text(nb):
     return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
                    if o.output_type == "stream")
@@ -79,40 +88,46 @@ def cpu_env(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 
-def test_quickstart_runs(kernel_specs, cpu_env):
+def test_quickstart_runs_as_shipped(kernel_specs, cpu_env):
     from lm import count_params, presets
-    nb = run_notebook("quickstart", {"PRESET": "llama-tiny", "MAX_NEW_TOKENS": 8}, kernel_specs)
+    shipped = _defaults("quickstart")
+    nb = run_notebook("quickstart", {}, kernel_specs)
     text = _text(nb)
-    assert f"parameters: {count_params(presets.get('llama-tiny')):,}" in text
+    assert f"parameters: {count_params(presets.get(shipped['PRESET'])):,}" in text
     # Published sizes: LLaMA-7B 6.74B (Touvron et al. 2023), GPT-2 small 124M.
     assert _numbers(r"llama-7b +([\d.]+)B", text) == [pytest.approx(6.74, abs=0.005)]
     assert _numbers(r"gpt2-124m +([\d.]+)B", text) == [pytest.approx(0.124, abs=0.0005)]
     assert "8 devices" in text and "'fsdp': 4, 'tensor': 2" in text
     [(total, per_token)] = _numbers(r"log-prob of the generated text: (-?[\d.]+) \((-?[\d.]+) per token", text)
-    assert total < 0 and math.isclose(total / 8, per_token, rel_tol=1e-2, abs_tol=1e-3)
+    assert total < 0 and math.isclose(total / shipped["MAX_NEW_TOKENS"], per_token, rel_tol=1e-2, abs_tol=1e-3)
     assert _numbers(r"max abs difference ([\d.e+-]+)", text)[0] < 1e-4
     assert _figures(nb) >= 1
 
 
-def test_tpu_sharding_falls_back_to_fake_cpu_devices_and_trains(kernel_specs, cpu_env):
-    params = {"PRESET": "llama-tiny", "N_LAYERS": 0, "STEPS": 4, "BATCH_SIZE": 8, "SEQ_LEN": 32,
-              "MESH_SHAPE": (2, 2, 2), "LR": 3e-3}
-    nb = run_notebook("tpu_sharding", params, kernel_specs)
+def test_tpu_sharding_as_shipped_falls_back_to_fake_cpu_devices_and_trains(kernel_specs, cpu_env):
+    shipped = _defaults("tpu_sharding")
+    nb = run_notebook("tpu_sharding", {}, kernel_specs)
     text = _text(nb)
-    assert "on 8 fake CPU devices" in text
-    assert "mesh: {'data': 2, 'fsdp': 2, 'tensor': 2}" in text
+    assert f"training {shipped['CPU_PRESET']} on 8 fake CPU devices" in text
+    assert "mesh: {'data': 1, 'fsdp': 4, 'tensor': 2}" in text
     losses = _numbers(r"step +\d+  loss ([\d.]+)", text)
-    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    assert len(losses) == shipped["STEPS"] and all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0]
     assert "tokens/s" in text and _figures(nb) >= 1
 
 
-def test_rlhf_pipeline_runs_every_stage(kernel_specs, cpu_env, tmp_path):
-    steps = {"pretrain": 6, "sft": 4, "reward": 4, "ppo": 2, "dpo": 4}
-    params = {"WORKDIR": str(tmp_path / "pipeline"), "STEPS": steps, "BATCH_SIZE": 8, "FRESH": True,
-              "MODEL": {"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 2, "d_ff": 64}}
-    nb = run_notebook("rlhf_pipeline", params, kernel_specs)
+def test_tpu_sharding_on_another_mesh(kernel_specs, cpu_env):
+    params = {"STEPS": 3, "CPU_BATCH_SIZE": 8, "CPU_SEQ_LEN": 32, "MESH_SHAPE": (2, 2, 2)}
+    text = _text(run_notebook("tpu_sharding", params, kernel_specs))
+    assert "mesh: {'data': 2, 'fsdp': 2, 'tensor': 2}" in text
+    assert len(_numbers(r"step +\d+  loss ([\d.]+)", text)) == 3
+
+
+def test_rlhf_pipeline_runs_every_stage_as_shipped(kernel_specs, cpu_env, tmp_path):
+    assert _defaults("rlhf_pipeline")["QUICK"] is True and _defaults("rlhf_pipeline")["STEPS"] == {}
+    nb = run_notebook("rlhf_pipeline", {"WORKDIR": str(tmp_path / "pipeline")}, kernel_specs)
     text = _text(nb)
+    assert "pretrain     6 steps, batch 8" in text and "'n_layers': 1" in text
     finals = dict(re.findall(r"(\w+) +final loss ([\d.]+)", text))
     assert sorted(finals) == ["dpo", "pretrain", "reward", "sft"]
     assert all(math.isfinite(float(v)) for v in finals.values())

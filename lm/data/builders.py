@@ -68,7 +68,8 @@ def _text_rows(file: str) -> Iterator[tuple[int, dict]]:
         yield first, {"text": "\n".join(doc)}
 
 
-def _json_rows(file: str, parse) -> Iterator[tuple[int, dict]]:
+def json_rows(file: str, parse) -> Iterator[tuple[int, dict]]:
+    """`(line number, parse(row))` of each JSONL row; any problem raises a ValueError naming `file:line`."""
     for number, line in _lines(file):
         if not line.strip():
             continue
@@ -92,6 +93,11 @@ def _string(row: dict, key: str, optional: bool = False) -> str:
     if not isinstance(row[key], str):
         raise ValueError(f"{key!r} must be a string, got {type(row[key]).__name__}")
     return row[key]
+
+
+def parse_prompt(row: dict) -> dict:
+    """Validates one prompt row (RL prompts); returns `{prompt}`."""
+    return {"prompt": _string(row, "prompt")}
 
 
 def parse_sft(row: dict) -> dict:
@@ -134,8 +140,8 @@ _FEATURES = {
                            "responses": tfds.features.Sequence(tfds.features.Text()),
                            "ranks": tfds.features.Sequence(np.int32)},
 }
-_PARSERS = {"text": _text_rows, "sft": lambda f: _json_rows(f, parse_sft),
-            "preference": lambda f: _json_rows(f, parse_preference)}
+_PARSERS = {"text": _text_rows, "sft": lambda f: json_rows(f, parse_sft),
+            "preference": lambda f: json_rows(f, parse_preference)}
 
 
 _BUCKETS = 1_000_000

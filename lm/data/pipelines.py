@@ -252,3 +252,31 @@ def preference_pairs(batch: dict) -> dict:
                             "ranks")}
     return {"chosen": side(batch["chosen_index"]), "rejected": side(batch["rejected_index"]),
             "pair_mask": batch["pair_mask"].reshape(b * p)}
+
+
+def read_prompts(path: str, tokenizer: Tokenizer, width: int) -> list[np.ndarray]:
+    """Chat-formatted prompt token ids of a `{"prompt": ...}` JSONL file; bad rows name the file and line."""
+    prompts = []
+    for number, row in builders.json_rows(path, builders.parse_prompt):
+        ids = chat.format_prompt(tokenizer, row["prompt"])
+        if len(ids) > width:
+            raise ValueError(f"{path}:{number}: the formatted prompt has {len(ids)} tokens, more than "
+                             f"data.prompt_len={width}")
+        prompts.append(ids)
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
+
+
+def prompt_dataset(prompts: list[np.ndarray], *, width: int, batch_size: int, seed: int, pad_id: int,
+                   process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """Endless shuffled batches `{"tokens": int32 [B, width] right-padded, "lengths": int32 [B]}` of prompts
+    (token ids, e.g. from `read_prompts`), for RL rollouts.
+
+    Each process takes its own slice of the prompts; the iterator's position is checkpointable.
+    """
+    def pad(ids):
+        return {"tokens": np.concatenate([ids, np.full(width - len(ids), pad_id, np.int32)]).astype(np.int32),
+                "lengths": np.int32(len(ids))}
+    ds = grain.MapDataset.source(prompts)[process_index::process_count].shuffle(seed).repeat(None).map(pad)
+    return ds.to_iter_dataset().batch(batch_size, drop_remainder=True)

@@ -1,10 +1,8 @@
-"""Orbax checkpoints: exact restore onto other meshes, clear shape errors, and kill -9 / resume bit-identity."""
+"""Orbax checkpoints: exact restore onto other meshes, clear shape errors, and SIGTERM / kill -9 / resume
+bit-identity of a launcher."""
 import os
 import random
 import signal
-import subprocess
-import sys
-import time
 
 import flax.linen as nn
 import grain
@@ -14,11 +12,11 @@ import numpy as np
 import pytest
 
 from configs import common
-from lm import checkpoint, optim, presets, sharding, train
+from lm import checkpoint, optim, presets, sharding, train_step
 from lm.logging_utils import read_metrics
 from lm.model import Transformer
+from launchers import cache_env, finish, launch, signal_after
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CFG = presets.get("llama-tiny", vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
 
 
@@ -28,10 +26,10 @@ def builder(cfg):
 
 def make_state(cfg, mesh, seed=0):
     tx, _ = optim.make_optimizer(common.optim(1e-3, 1), 10)
-    abstract, _ = train.state_shardings(builder(cfg), tx, mesh)
+    abstract, _ = train_step.state_shardings(builder(cfg), tx, mesh)
     rs = np.random.RandomState(seed)
     params = jax.tree.map(lambda a: rs.randn(*a.shape).astype(a.dtype), abstract.params)
-    state, _ = train.init_state(builder(cfg), tx, jax.random.PRNGKey(seed), mesh, params=params)
+    state, _ = train_step.init_state(builder(cfg), tx, jax.random.PRNGKey(seed), mesh, params=params)
     # Non-trivial optimiser moments and counters, so their restore is checked too.
     state = state.replace(step=jnp.int32(7), skipped=jnp.int32(2),
                           opt_state=jax.tree.map(lambda x: x + (0.5 if x.dtype == jnp.float32 else 3), state.opt_state))
@@ -46,7 +44,7 @@ def test_restore_onto_another_mesh_is_exact(tmp_path):
     assert checkpoint.load_meta(str(tmp_path))["model"] == CFG.to_dict()
     for shape in [(2, 2, 2), (1, 1, 1)]:
         mesh = sharding.make_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
-        abstract, shardings = train.state_shardings(builder(CFG), tx, mesh)
+        abstract, shardings = train_step.state_shardings(builder(CFG), tx, mesh)
         restored = checkpoint.Checkpointer(str(tmp_path)).restore(abstract)
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
         jax.tree.map(lambda x, s: x.sharding == s or pytest.fail(f"{x.sharding} != {s}"), restored, shardings)
@@ -61,7 +59,7 @@ def test_checkpoint_of_another_model_shape_is_a_clear_error(tmp_path):
     ckpt.save(1, state, force=True)
     ckpt.close()
     wider = CFG.replace(d_model=48)
-    abstract, _ = train.state_shardings(builder(wider), tx, sharding.make_mesh((1, 8, 1)))
+    abstract, _ = train_step.state_shardings(builder(wider), tx, sharding.make_mesh((1, 8, 1)))
     with pytest.raises(ValueError, match=r"params\['embed'\]\['embedding'\]: checkpoint has shape \(128, 32\), "
                                          r"the model expects \(128, 48\)"):
         checkpoint.Checkpointer(str(tmp_path)).restore(abstract)
@@ -84,30 +82,11 @@ def test_keeps_the_last_k_and_restores_the_data_position(tmp_path):
     assert sorted(int(d) for d in os.listdir(tmp_path) if d.isdigit()) == [4, 6]
     expected = [next(it).tolist() for _ in range(3)]  # the batches after step 7
     it2 = iter(ds)
-    abstract, _ = train.state_shardings(builder(CFG), tx, sharding.make_mesh((1, 8, 1)))
+    abstract, _ = train_step.state_shardings(builder(CFG), tx, sharding.make_mesh((1, 8, 1)))
     restored = checkpoint.Checkpointer(str(tmp_path)).restore(abstract, data_iter=it2)
     assert int(restored.step) == 6
     next(it2)  # step 7's batch
     assert [next(it2).tolist() for _ in range(3)] == expected
-
-
-def _launch(module, workdir, *extra, env):
-    """Start a launcher; its output goes to WORKDIR.log (a pipe nobody reads could fill up and block it)."""
-    os.makedirs(os.path.dirname(workdir), exist_ok=True)
-    log = open(workdir + ".log", "a")
-    cmd = [sys.executable, "-m", module, f"--workdir={workdir}", *extra]
-    # One core: XLA:CPU's multi-threaded kernels may differ in the last bit from call to call (jax-ml/jax#39741),
-    # which would hide what this test checks, that resuming reproduces the run exactly.
-    cmd = ["taskset", "-c", str(min(os.sched_getaffinity(0))), *cmd]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    proc.log_path = log.name
-    return proc
-
-
-def _finish(proc):
-    proc.wait(timeout=600)
-    with open(proc.log_path) as f:
-        assert proc.returncode == 0, f.read()[-3000:]
 
 
 def _final_params(workdir):
@@ -117,38 +96,41 @@ def _final_params(workdir):
     return jax.device_get(checkpoint.load_params(os.path.join(workdir, "checkpoints"), abstract)), meta
 
 
-def test_kill_at_a_random_point_and_rerun_is_bit_identical_then_sft_starts_from_it(tmp_path):
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+def test_sigterm_then_kill_at_random_points_and_reruns_are_bit_identical_then_sft_starts_from_it(tmp_path):
+    env = cache_env(tmp_path)
     steps = 24
     args = ["--config=configs/pretrain.py:tiny", f"--config.train.steps={steps}", "--config.train.log_every=1",
             "--config.train.eval_every=0", "--config.checkpoint.every_steps=3", "--config.data.seq_len=32",
             "--config.model.overrides.n_layers=1", f"--config.data.cache_dir={tmp_path / 'data'}"]
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    _finish(_launch("experiments.pretrain", straight, *args, env=env))
+    finish(launch("experiments.pretrain", straight, *args, env=env))
 
-    kill_after = random.randint(2, steps - 8)
-    proc = _launch("experiments.pretrain", killed, *args, env=env)
-    metrics = os.path.join(killed, "metrics.jsonl")
-    while proc.poll() is None and not any(r["step"] >= kill_after for r in read_metrics(metrics)):
-        time.sleep(0.01)
-    assert proc.poll() is None, f"the run ended before it could be killed after step {kill_after}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    interrupted_at = checkpoint.latest_step(os.path.join(killed, "checkpoints")) or 0
-    assert interrupted_at < steps
-    _finish(_launch("experiments.pretrain", killed, *args, env=env))  # the same command again
+    # Preemption: SIGTERM saves the step the run is at (whatever the cadence) and exits 143 without a traceback.
+    term_after = random.randint(2, steps // 2)
+    assert signal_after(launch("experiments.pretrain", killed, *args, env=env), killed, term_after,
+                        signal.SIGTERM) == 143
+    saved = checkpoint.latest_step(os.path.join(killed, "checkpoints"))
+    logged = [r["step"] for r in read_metrics(os.path.join(killed, "metrics.jsonl"))]
+    assert term_after <= saved < steps and logged == list(range(1, saved + 1)), (term_after, saved, logged)
+    with open(killed + ".log") as f:
+        assert f"preempted: saved step {saved}" in f.read()
+    # Then a crash: kill -9 after a later step loses at most the steps since the last save.
+    kill_after = random.randint(saved + 1, steps - 4)
+    signal_after(launch("experiments.pretrain", killed, *args, env=env), killed, kill_after, signal.SIGKILL)
+    assert checkpoint.latest_step(os.path.join(killed, "checkpoints")) < steps
+    finish(launch("experiments.pretrain", killed, *args, env=env))  # the same command again
 
-    a, b = read_metrics(os.path.join(straight, "metrics.jsonl")), read_metrics(metrics)
-    assert [r["step"] for r in b] == list(range(1, steps + 1)), f"killed after step {kill_after}"
-    assert [r["loss"] for r in a] == [r["loss"] for r in b], f"killed after step {kill_after}"
+    where = f"SIGTERM after step {term_after}, kill -9 after step {kill_after}"
+    a, b = read_metrics(os.path.join(straight, "metrics.jsonl")), read_metrics(os.path.join(killed, "metrics.jsonl"))
+    assert [r["step"] for r in b] == list(range(1, steps + 1)), where
+    assert [r["loss"] for r in a] == [r["loss"] for r in b], where
     (pa, meta), (pb, _) = _final_params(straight), _final_params(killed)
     jax.tree.map(np.testing.assert_array_equal, pa, pb)
     assert meta["model"]["n_layers"] == 1 and meta["stage"] == "pretrain"
 
     # SFT from the pretraining run: with lr 0 its parameters stay exactly the loaded ones.
     sft = str(tmp_path / "sft")
-    _finish(_launch("experiments.sft", sft, "--config=configs/sft.py:tiny", f"--config.init_from={straight}",
+    finish(launch("experiments.sft", sft, "--config=configs/sft.py:tiny", f"--config.init_from={straight}",
                     "--config.train.steps=2", "--config.train.eval_every=0", "--config.optim.lr=0",
                     "--config.data.seq_len=64", f"--config.data.cache_dir={tmp_path / 'data'}", env=env))
     ps, sft_meta = _final_params(sft)

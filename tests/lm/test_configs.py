@@ -1,4 +1,5 @@
 """Configs and launchers: presets, command-line overrides, clear errors, and real-size steps traced abstractly."""
+import functools
 import os
 import re
 import subprocess
@@ -12,8 +13,8 @@ from ml_collections import config_flags
 
 import experiments
 from configs import pretrain, sft
-from lm import losses, optim, presets, sharding, train, trainer
-from lm.model import Transformer
+from lm import loop, losses, optim, presets, runs, sharding, train_step
+from lm.model import Transformer, boxed_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,7 +32,7 @@ def parse(*args):
 def test_every_preset_builds_a_valid_model(module):
     for preset in module.PRESETS:
         config = module.get_config(preset)
-        cfg = experiments.model_config(config)
+        cfg = runs.model_config(config)
         assert cfg.vocab_size >= config.data.get("vocab_size", 0)
         assert config.train.batch_size % config.train.micro_batches == 0
     with pytest.raises(ValueError, match=r"unknown .* preset 'huge'; choose one of \("):
@@ -50,17 +51,23 @@ def test_command_line_overrides_reach_the_model_and_mesh():
     config = parse("--config=configs/pretrain.py:tiny", "--config.model.overrides.n_layers=3",
                    "--config.model.overrides.dtype=bfloat16", "--config.mesh.shape=(2,2,2)",
                    "--config.train.log_every=1", "--config.data.path=/my/text", "--config.mesh.rules.embed=")
-    cfg = experiments.model_config(config)
+    cfg = runs.model_config(config)
     assert (cfg.n_layers, cfg.dtype, cfg.d_model) == (3, "bfloat16", presets.get("llama-tiny").d_model)
     assert tuple(config.mesh.shape) == (2, 2, 2) and config.train.log_every == 1
     assert config.data.path == "/my/text"
     assert dict(sharding.rules_from_config(config.mesh.rules))["embed"] is None
-    mesh, _ = trainer.mesh_and_rules(config)
+    mesh, _ = loop.mesh_and_rules(config)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
-    # With init_from, the saved model config is the base and overrides still apply.
-    base = presets.get("glm-tiny").to_dict()
-    assert experiments.model_config(config, base).position == "rope2d"
-    assert experiments.model_config(config, base).n_layers == 3
+    # With init_from, the saved model config is the base; overrides of how it runs apply, and an override that
+    # changes what it computes is refused, naming the field (a RoPE model run with ALiBi has the same shapes).
+    base = presets.get("glm-tiny", n_layers=3, vocab_size=2048).to_dict()
+    assert runs.model_config(config, base).position == "rope2d"
+    assert runs.model_config(config, base).dtype == "bfloat16"
+    with pytest.raises(ValueError, match="n_layers: 2 there, 3 here"):
+        runs.model_config(config, presets.get("glm-tiny", vocab_size=2048).to_dict())
+    config = parse("--config=configs/sft.py:tiny", "--config.init_from=runs/pt", "--config.model.overrides.position=alibi")
+    with pytest.raises(ValueError, match=r"init_from run runs/pt .*\n  position: 'rope' there, 'alibi' here"):
+        runs.model_config(config, presets.get("llama-tiny", vocab_size=2048).to_dict())
 
 
 def test_unknown_config_keys_are_named():
@@ -80,27 +87,27 @@ def test_unknown_config_keys_are_named():
 
 def test_bad_paths_and_vocab_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.path /no/such/dir does not exist"):
-        experiments.text_files("/no/such/dir")
+        runs.text_files("/no/such/dir")
     with pytest.raises(FileNotFoundError, match="holds no .txt files"):
-        experiments.text_files(str(tmp_path))
+        runs.text_files(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="tokenizer file .*missing.model does not exist"):
-        experiments.run_tokenizer(str(tmp_path / "run"), str(tmp_path / "missing.model"))
+        runs.run_tokenizer(str(tmp_path / "run"), str(tmp_path / "missing.model"))
 
     class Tok:
         path, vocab_size = "tok.model", 4000
     with pytest.raises(ValueError, match=r"4000 ids but the model's vocab_size is 2048; set "
                                          r"--config.model.overrides.vocab_size=4000"):
-        experiments.check_vocab(Tok, experiments.model_config(pretrain.get_config("tiny")))
+        runs.check_vocab(Tok, runs.model_config(pretrain.get_config("tiny")))
 
 
 @pytest.mark.parametrize("preset", ["llama-7b", "bloom-7b1", "glm-6b"])
 def test_real_size_train_steps_trace_on_a_mesh(preset):
     """The full sharded step of each real preset lowers on 8 fake devices (nothing is allocated)."""
     config = pretrain.get_config(preset)
-    cfg = experiments.model_config(config)
-    mesh, rules = trainer.mesh_and_rules(config)
+    cfg = runs.model_config(config)
+    mesh, rules = loop.mesh_and_rules(config)
     tx, lr = optim.make_optimizer(config.optim, config.train.steps)
-    abstract, shardings = train.state_shardings(experiments.build_params(cfg), tx, mesh, rules)
+    abstract, shardings = train_step.state_shardings(functools.partial(boxed_params, cfg), tx, mesh, rules)
     q = shardings.params["layers"]["attn"]["q"]["kernel"]
     assert q.spec[1] == "fsdp"  # [layers, embed, heads, head_dim]: embed split over the 8 fsdp devices
     b, t = 16, config.data.seq_len
@@ -109,7 +116,7 @@ def test_real_size_train_steps_trace_on_a_mesh(preset):
     if config.data.objective == "glm":
         batch.update(positions=jax.ShapeDtypeStruct((b, t, 2), jnp.int32),
                      prefix_len=jax.ShapeDtypeStruct((b,), jnp.int32))
-    step = train.make_train_step(losses.lm_loss_fn(Transformer(cfg)), tx, shardings, mesh, rules=rules,
+    step = train_step.make_train_step(losses.lm_loss_fn(Transformer(cfg)), tx, shardings, mesh, rules=rules,
                                  lr_schedule=lr)
     text = step.lower(abstract, batch).as_text()
     assert "bf16" in text

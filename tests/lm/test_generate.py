@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lm import init_params, presets
-from lm.generate import bucket_length, generate, pad_prompts, sample
+from lm.generation import bucket_length, generate, pad_prompts, sample
 from lm.model import Transformer, init_cache
 from lm.sampling import apply_temperature, filter_logits, top_k_filter, top_p_filter
 

@@ -252,7 +252,7 @@ def test_save_rejects_what_the_architecture_cannot_express(tmp_path):
 
 @pytest.mark.parametrize("name", ["llama_gqa", "bloom"])
 def test_greedy_generate_matches_hf(name, tmp_path):
-    from lm.generate import generate
+    from lm.generation import generate
 
     model = hf_model(name, seed=4, std=0.3)
     model.generation_config.eos_token_id = None

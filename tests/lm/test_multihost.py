@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import pretrain
-from lm import checkpoint, distributed, losses, presets, trainer
+from lm import checkpoint, distributed, loop, losses, presets
 from lm.config import ModelConfig
 from lm.logging_utils import read_metrics
 from lm.model import Transformer
@@ -52,7 +52,7 @@ def train(workdir, coordinator="", num_processes=0, process_id=-1):
         r = np.random.RandomState(1)
         return jax.tree.map(lambda a: (0.02 * r.randn(*a.shape) + (a.ndim == 1)).astype(a.dtype), abstract)
 
-    trainer.fit(config, workdir, loss_fn=losses.lm_loss_fn(model),
+    loop.fit(config, workdir, loss_fn=losses.lm_loss_fn(model),
                 build_params=lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"],
                 train_data=grain.MapDataset.source(rows).to_iter_dataset(), init_params=numpy_params,
                 meta={"model": CFG.to_dict()})

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from configs import common, pretrain
-from lm import losses, optim, presets, sharding, train, trainer
+from lm import loop, losses, optim, presets, sharding, train_step
 from lm.logging_utils import read_metrics
 from lm.model import Transformer
 
@@ -45,12 +45,12 @@ def setup():
     # rounding differences of near-zero gradients up to lr-sized steps), and there is state to protect.
     lr = optax.linear_schedule(0.5, 0.1, 10)
     tx = optax.sgd(lr, momentum=0.9)
-    abstract, _ = train.state_shardings(build, tx, mesh)
+    abstract, _ = train_step.state_shardings(build, tx, mesh)
     params = numpy_params(abstract.params)
-    steps = {k: train.init_state(build, tx, jax.random.PRNGKey(0), mesh, params=params)[1] for k in (1, 2)}
-    steps = {k: train.make_train_step(losses.lm_loss_fn(MODEL), tx, sh, mesh, micro_batches=k, lr_schedule=lr)
+    steps = {k: train_step.init_state(build, tx, jax.random.PRNGKey(0), mesh, params=params)[1] for k in (1, 2)}
+    steps = {k: train_step.make_train_step(losses.lm_loss_fn(MODEL), tx, sh, mesh, micro_batches=k, lr_schedule=lr)
              for k, sh in steps.items()}
-    fresh = lambda: train.init_state(build, tx, jax.random.PRNGKey(0), mesh, params=params)[0]  # noqa: E731
+    fresh = lambda: train_step.init_state(build, tx, jax.random.PRNGKey(0), mesh, params=params)[0]  # noqa: E731
     return mesh, steps, fresh
 
 
@@ -154,8 +154,8 @@ def test_fit_logs_evaluates_checkpoints_and_stops_on_repeated_nan(tmp_path):
     for b in rows[4:6]:  # steps 5 and 6 see a NaN
         b["loss_mask"][0, 0] = np.nan
     workdir = str(tmp_path)
-    with pytest.raises(trainer.TrainingStopped, match=r"step 6: the last 2 updates had a non-finite loss"):
-        trainer.fit(config, workdir, loss_fn=losses.lm_loss_fn(MODEL), build_params=build,
+    with pytest.raises(loop.TrainingStopped, match=r"step 6: the last 2 updates had a non-finite loss"):
+        loop.fit(config, workdir, loss_fn=losses.lm_loss_fn(MODEL), build_params=build,
                     train_data=grain.MapDataset.source(rows).to_iter_dataset(),
                     eval_data=[lm_batch(np.random.RandomState(5), b=8) for _ in range(2)],
                     init_params=numpy_params)

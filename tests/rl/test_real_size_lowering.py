@@ -10,17 +10,19 @@ import pytest
 from configs import dpo as dpo_config
 from configs import ppo as ppo_config
 from configs import reward as reward_config
-from experiments import build_params, model_config
-from lm import optim, sharding, trainer
-from lm.train import state_shardings
-from rl import dpo, ppo_trainer as pt, reward
+from lm import optim, sharding
+from lm.loop import mesh_and_rules
+from lm.model import boxed_params
+from lm.runs import model_config
+from lm.train_step import state_shardings
+from rl import dpo, ppo_step as pt, reward
 
 S = jax.ShapeDtypeStruct
 
 
 def _setup(config):
     cfg = model_config(config)
-    mesh, rules = trainer.mesh_and_rules(config)
+    mesh, rules = mesh_and_rules(config)
     tx, _ = optim.make_optimizer(config.optim, config.train.steps)
     return cfg, mesh, rules, tx
 
@@ -55,11 +57,11 @@ def test_reward_and_dpo_llama_7b_steps_lower_on_8_devices(stage):
     config = (reward_config if stage == "reward" else dpo_config).get_config("llama-7b")
     cfg, mesh, rules, tx = _setup(config)
     head = "scalar" if stage == "reward" else "lm"
-    abstract, sh = state_shardings(build_params(cfg, head), tx, mesh, rules)
+    abstract, sh = state_shardings(lambda rng: boxed_params(cfg, rng, head), tx, mesh, rules)
     loss_fn = (reward.reward_loss_fn(cfg) if stage == "reward"
                else dpo.dpo_loss_fn(cfg, config.dpo.beta, config.dpo.label_smoothing))
 
-    def step(state, batch):  # what lm.train's step runs: loss, gradient, AdamW update
+    def step(state, batch):  # what lm.train_step's step runs: loss, gradient, AdamW update
         with nn.logical_axis_rules(rules):
             (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, state.rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

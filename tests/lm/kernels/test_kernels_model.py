@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lm import presets
-from lm.generate import generate
+from lm.generation import generate
 from lm.kernels import pallas, reference
 from lm.model import Transformer, init_params
 

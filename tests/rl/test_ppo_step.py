@@ -9,11 +9,11 @@ import numpy as np
 import optax
 import pytest
 
-from lm import checkpoint, presets, sharding
+from lm import checkpoint, data, loop, presets, sharding
 from lm.model import Transformer, init_params
 from lm.tokenizer import Tokenizer
-from rl import ppo, ppo_loop, reward
-from rl import ppo_trainer as pt
+from rl import ppo, reward
+from rl import ppo_step as pt
 
 CFG = presets.get("llama-tiny", max_len=32)
 HP = pt.PPOConfig(response_length=6, epochs=2, mini_batches=2, max_bad_iterations=2)
@@ -91,12 +91,12 @@ def test_non_finite_rewards_skip_update_and_stop(single):
     before = jax.device_get(state.params)
     state, metrics, _ = steps.iteration(state, bad, prompts, lengths)
     assert int(metrics["skipped"]) == HP.epochs * HP.mini_batches and int(metrics["bad_streak"]) == 1
-    pt.check_finite(metrics, HP)  # one bad iteration is tolerated
+    loop.check_streak(metrics, HP.max_bad_iterations, 1)  # one bad iteration is tolerated
     after = jax.device_get(state.params)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
     state, metrics, _ = steps.iteration(state, bad, prompts, lengths)
-    with pytest.raises(pt.NonFiniteError, match="2 iterations in a row"):
-        pt.check_finite(metrics, HP)
+    with pytest.raises(loop.TrainingStopped, match="step 2: the last 2 updates had a non-finite"):
+        loop.check_streak(metrics, HP.max_bad_iterations, 2, "ppo.max_bad_iterations")
     # A good iteration resets the streak.
     state, metrics, _ = steps.iteration(state, frozen, prompts, lengths)
     assert int(metrics["bad_streak"]) == 0
@@ -129,21 +129,21 @@ def test_resume_from_checkpoint_continues_the_run(single, tmp_path):
     abstract, sh, _ = pt.state_shardings(CFG, TX, steps.mesh)
     rng = np.random.default_rng(3)
     prompts = [rng.integers(3, CFG.vocab_size, size=rng.integers(2, 6)).astype(np.int32) for _ in range(20)]
-    data = ppo_loop.prompt_dataset(prompts, width=5, batch_size=8, seed=0, pad_id=PAD)
-    it = iter(data)
+    prompt_data = data.prompt_dataset(prompts, width=5, batch_size=8, seed=0, pad_id=PAD)
+    it = iter(prompt_data)
     state = pt.init_state(*_models(), TX, HP.kl_coef, jax.random.key(2), sh)
     b = next(it)
     state, _, _ = steps.iteration(state, frozen, b["tokens"], b["lengths"])
     # As an adaptive controller would have moved it (same placement, so the compiled step is reused).
     state = state.replace(kl_coef=jax.device_put(jnp.float32(0.0123), state.kl_coef.sharding))
     ckpt = checkpoint.Checkpointer(str(tmp_path), every_steps=1, async_save=False)
-    assert ppo_loop.save(ckpt, 1, state, it, {"model": CFG.to_dict()})
+    assert ckpt.save(1, state, it, {"model": CFG.to_dict()})  # the KL coefficient is state, saved as such
     ckpt.wait()
     b = next(it)
     want, want_m, want_out = steps.iteration(state, frozen, b["tokens"], b["lengths"])
 
-    it2 = iter(data)
-    restored = ppo_loop.restore(ckpt, abstract, it2)
+    it2 = iter(prompt_data)
+    restored = ckpt.restore(abstract, data_iter=it2)
     ckpt.close()
     assert float(restored.kl_coef) == np.float32(0.0123) and int(restored.step) == 1
     b2 = next(it2)
@@ -164,14 +164,14 @@ def test_read_prompts_names_bad_rows(tmp_path):
     tok = Tokenizer.train([str(text)], 300, str(tmp_path / "tok"))
     good = tmp_path / "p.jsonl"
     good.write_text('{"prompt": "what is the capital?"}\n\n{"prompt": "paris"}\n')
-    ids = ppo_loop.read_prompts(str(good), tok, 32)
+    ids = data.read_prompts(str(good), tok, 32)
     assert len(ids) == 2 and ids[0][-1] == tok.assistant_id
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected an object with a string 'prompt'"):
-        ppo_loop.read_prompts(str(bad), tok, 32)
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing key 'prompt'"):
+        data.read_prompts(str(bad), tok, 32)
     with pytest.raises(ValueError, match=r"p.jsonl:1: .* more than data.prompt_len=3"):
-        ppo_loop.read_prompts(str(good), tok, 3)
+        data.read_prompts(str(good), tok, 3)
 
 
 @pytest.mark.parametrize("preset", ["llama-tiny", "gpt2-tiny"])  # separate and tied output embeddings

@@ -5,9 +5,9 @@ import os
 import subprocess
 import sys
 
-from rl import task as qa
+from experiments import qa_task as qa
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ("reward_model.heldout_accuracy", "gold.sft.mean", "gold.sft.stderr", "gold.ppo.mean", "gold.ppo.stderr",
         "gold.dpo.mean", "gold.dpo.stderr", "ppo.kl", "ppo_vs_sft_win_rate")
 SHORT = {  # a 1-layer model, a few steps per stage

@@ -1,4 +1,5 @@
-"""KV-cache sampling: a jitted prefill + decode loop (`sample`) for PPO rollouts, and `generate` for lists.
+"""KV-cache sampling: a jitted prefill + decode loop (`sample`) for PPO rollouts, `generate` for lists, and
+`stream` for one conversation, yielding tokens in chunks as they are decoded (the chat REPL).
 
 `sample` is a pure function of arrays (config and sampling settings are static), so a caller can wrap it
 in `jax.jit` with its own shardings. Prompts are right-padded `[B, P]` with per-row lengths; the decode
@@ -14,7 +15,8 @@ returns them under the truncated distribution actually drawn from instead. Greed
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional, Sequence
+import math
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -176,3 +178,63 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new
                  top_p=float(top_p), eos_id=eos_id)
     new_tokens, new_lengths = jax.device_get((out.tokens, out.lengths))
     return [row[:n].tolist() for row, n in zip(new_tokens, new_lengths)]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
+def _prefill(cfg: ModelConfig, params, tokens, prefix_len, *, cache_len: int):
+    """KV cache `[L, B, cache_len, ...]` holding right-padded prompts `tokens [B, W]` (W <= cache_len)."""
+    _, cache = Transformer(cfg).apply({"params": params}, tokens, prefix_len=prefix_len,
+                                      cache=init_cache(cfg, tokens.shape[0], cache_len))
+    return cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "steps", "temperature", "top_k", "top_p", "eos_id"),
+                   donate_argnames=("cache",))
+def _decode_chunk(cfg: ModelConfig, params, cache, token, index, t0, prefix_len, rng, *, steps: int,
+                  temperature: float, top_k: int, top_p: float, eos_id: int):
+    """`steps` tokens after `token [B]` (which sits at `index [B]`), the t-th drawn with `fold_in(rng, t0 + t)`
+    as `sample` draws it; after eos a row repeats eos. Returns `(tokens [B, steps], cache, last token, index)`."""
+    model = Transformer(cfg)
+
+    def step(carry, i):
+        token, cache, index = carry
+        logits, cache = model.apply({"params": params}, token[:, None], prefix_len=prefix_len, cache=cache,
+                                    decode_index=index)
+        new, _ = _choose(logits[:, 0], jax.random.fold_in(rng, t0 + i), temperature, top_k, top_p, False)
+        new = jnp.where(token == eos_id, eos_id, new)
+        return (new, cache, index + 1), new
+
+    (token, cache, index), tokens = jax.lax.scan(step, (token, cache, index), jnp.arange(steps))
+    return tokens.T, cache, token, index
+
+
+def stream(cfg: ModelConfig, params, prompt: Sequence[int], *, max_new_tokens: int, eos_id: int, rng,
+           temperature: float = 0.7, top_k: int = 0, top_p: float = 1.0, chunk: int = 8) -> Iterator[list[int]]:
+    """Yield the reply to `prompt` (token ids) in pieces of up to `chunk` token ids; eos ends it (not yielded).
+
+    The same tokens as `sample` with the same `rng` (greedy or sampled): the prompt is right-padded to a
+    power-of-two width (few prefill compilations) in a cache of `cfg.max_len`, and decoding restarts from
+    the last prompt token; each device call decodes `chunk` tokens with one `lax.scan`.
+    """
+    n = len(prompt)
+    room = chunk * math.ceil(max_new_tokens / chunk)
+    if n == 0 or n + room > cfg.max_len:
+        raise ValueError(f"stream: prompt of {n} tokens + {room} decoded tokens must fit cfg.max_len={cfg.max_len}")
+    width = min(bucket_length(n), cfg.max_len)
+    tokens, _ = pad_prompts([prompt], width)
+    prefix_len = jnp.asarray([n], jnp.int32) if cfg.mask == "prefix" else None
+    cache = _prefill(cfg, params, jnp.asarray(tokens), prefix_len, cache_len=cfg.max_len)
+    token, index = jnp.asarray([prompt[-1]], jnp.int32), jnp.asarray([n - 1], jnp.int32)
+    left = max_new_tokens
+    for c in range(room // chunk):
+        out, cache, token, index = _decode_chunk(cfg, params, cache, token, index, jnp.int32(c * chunk), prefix_len,
+                                                 rng, steps=chunk, temperature=float(temperature), top_k=int(top_k),
+                                                 top_p=float(top_p), eos_id=int(eos_id))
+        piece = [int(t) for t in jax.device_get(out)[0, :left]]
+        if eos_id in piece:
+            piece = piece[:piece.index(eos_id)]
+            if piece:
+                yield piece
+            return
+        left -= len(piece)
+        yield piece

@@ -1,10 +1,10 @@
-"""The stateful side of PPO: four models under one mesh, jitted rollout and learning steps, skip-on-NaN.
+"""PPO's step: four models under one mesh, jitted rollout and learning steps, skip-on-NaN (the loop is lm.loop).
 
 Actor (policy, from SFT) and critic (scalar head, from the reward model or zero-init) are trained together
 in one `PPOState` with one optimiser, on `policy_loss + vf_coef * value_loss - ent_coef * entropy
 + ptx_coef * lm_loss` (TRL's combined objective, plus InstructGPT's PPO-ptx term). The reference (SFT) and
 the reward model are frozen inputs. One iteration is two jitted calls with no host round trip between them:
-`rollout` (the KV-cache sampler from lm.generate) and `learn` (scoring, rewards, GAE, then several epochs of
+`rollout` (the KV-cache sampler of lm.generation) and `learn` (scoring, rewards, GAE, then several epochs of
 shuffled mini-batch updates as nested `lax.scan`s).
 """
 from __future__ import annotations
@@ -21,9 +21,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lm import sharding
 from lm.config import ModelConfig
-from lm.generate import SampleOutput, sample
+from lm.generation import SampleOutput, sample
 from lm.losses import lm_loss, model_kwargs
-from lm.model import Transformer
+from lm.model import Transformer, boxed_params
 from rl import ppo
 
 
@@ -111,16 +111,9 @@ class PPOState:
     bad_streak: jax.Array
 
 
-class NonFiniteError(RuntimeError):
-    """Raised when too many PPO iterations in a row produced non-finite losses or rewards."""
-
-
 def _boxed_params(cfg: ModelConfig, rng):
-    tokens = jnp.zeros((1, 8), jnp.int32)
-    kw = dict(prefix_len=jnp.zeros((1,), jnp.int32))
     a, c = jax.random.split(rng)
-    return {"actor": Transformer(cfg).init(a, tokens, **kw)["params"],
-            "critic": Transformer(cfg, head="scalar").init(c, tokens, **kw)["params"]}
+    return {"actor": boxed_params(cfg, a), "critic": boxed_params(cfg, c, head="scalar")}
 
 
 def _state(params, tx, kl_coef, rng):
@@ -297,7 +290,7 @@ def ppo_update(cfg: ModelConfig, hp: PPOConfig, tx, state: PPOState, exp, ptx, r
             updates, new_opt = tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), new_opt
 
-        # As in lm.train: lax.cond, not a select that would read and write every parameter twice.
+        # As in lm.train_step: lax.cond, not a select that would read and write every parameter twice.
         params, opt_state = jax.lax.cond(ok, update, lambda _: (params, opt_state), None)
         metrics = dict(metrics, grad_norm=grad_norm)
         return (params, opt_state, skipped + (~ok).astype(jnp.int32)), metrics
@@ -365,8 +358,12 @@ class PPOSteps:
 
 
 def make_steps(cfg: ModelConfig, hp: PPOConfig, tx, shardings, frozen_shardings, mesh: Mesh, *,
-               eos_id: Optional[int], pad_id: int, rules=sharding.RULES, donate: bool = True) -> PPOSteps:
-    """Jit the rollout and learning steps with explicit shardings (see `PPOSteps`)."""
+               eos_id: Optional[int], pad_id: int, rules=sharding.RULES, donate: bool = True,
+               lr_schedule: Optional[optax.Schedule] = None) -> PPOSteps:
+    """Jit the rollout and learning steps with explicit shardings (see `PPOSteps`).
+
+    lr_schedule: the optimiser's schedule; `learn` then reports the learning rate after the iteration as `lr`.
+    """
     def rows(ndim):
         return sharding.batch_sharding(mesh, ndim, rules)
 
@@ -384,8 +381,11 @@ def make_steps(cfg: ModelConfig, hp: PPOConfig, tx, shardings, frozen_shardings,
                       temperature=hp.temperature, top_k=0, top_p=1.0, eos_id=eos_id, pad_id=pad_id)
 
     def do_learn(state, frozen, prompt_tokens, prompt_lengths, out, ptx=None):
-        return learn(cfg, hp, tx, state, frozen, prompt_tokens, prompt_lengths, out, ptx, eos_id=eos_id,
-                     pad_id=pad_id)
+        state, metrics = learn(cfg, hp, tx, state, frozen, prompt_tokens, prompt_lengths, out, ptx, eos_id=eos_id,
+                               pad_id=pad_id)
+        if lr_schedule is not None:  # optimiser steps taken so far: epochs x mini-batches per iteration
+            metrics["lr"] = lr_schedule(state.step * hp.epochs * hp.mini_batches)
+        return state, metrics
 
     rollout_fn = jax.jit(with_rules(do_rollout),
                          in_shardings=(shardings.params["actor"], rows(2), rows(1), replicated),
@@ -398,13 +398,3 @@ def make_steps(cfg: ModelConfig, hp: PPOConfig, tx, shardings, frozen_shardings,
                            donate_argnums=donate_args)
     return PPOSteps(cfg, hp, mesh, rules, rollout_fn, learn_fn, learn_ptx_fn)
 
-
-def check_finite(metrics: Mapping[str, Any], hp: PPOConfig) -> None:
-    """Raise `NonFiniteError` when the run has had `hp.max_bad_iterations` bad iterations in a row."""
-    streak = int(metrics["bad_streak"])
-    if streak >= hp.max_bad_iterations:
-        raise NonFiniteError(
-            f"PPO stopped: {streak} iterations in a row had non-finite losses, gradients or rewards "
-            f"(ppo.max_bad_iterations={hp.max_bad_iterations}); skipped updates so far: "
-            f"{int(metrics['skipped_total'])}. Lower the learning rate, clip scores (ppo.score_clip) or check "
-            "the reward model.")

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from rl import task as qa
+from experiments import qa_task as qa
 
 SEED_PROMPT = "What is the highest mountain in the world?"
 
@@ -139,7 +139,7 @@ def test_bundled_data_is_up_to_date(tmp_path):
     paths = qa.write_data(str(tmp_path))
     bundled = qa.data_files()
     for name in ("sft", "rl", "rm_eval", "eval"):
-        assert filecmp.cmp(paths[name], bundled[name], shallow=False), f"{bundled[name]} is stale: python -m rl.task"
+        assert filecmp.cmp(paths[name], bundled[name], shallow=False), f"{bundled[name]} is stale: python -m experiments.qa_task"
     new = os.path.join(paths["pretrain"], "facts.txt")
     assert filecmp.cmp(new, os.path.join(bundled["pretrain"], "facts.txt"), shallow=False)
     with open(bundled["sft"]) as f:

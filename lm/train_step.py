@@ -7,7 +7,7 @@ gradients are not finite, counting it in the state.
 
 If `metrics` has a `weight` entry (e.g. the number of counted tokens), micro-batches are averaged with
 those weights, so accumulating k micro-batches gives the gradient of the whole batch's mean loss.
-The loop around this step lives in lm.trainer.
+The loop around this step lives in lm.loop.
 """
 from __future__ import annotations
 

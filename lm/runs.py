@@ -1,0 +1,216 @@
+"""Run directories: what a stage reads from the run it starts from, what it leaves for the next, and `load`.
+
+A run directory is self-contained: `config.json` (the resolved run config), `tokenizer.model`,
+`metrics.jsonl`, `tensorboard/` and `checkpoints/`, whose metadata holds the model config (`model`) and
+which parameters are the policy (`head`, or for runs that train several models `params`/`policy`, e.g. a PPO
+run's `{"actor": "lm", "critic": "scalar"}` with policy `actor`). `load` turns any of them, or a Hugging Face
+directory, into `(ModelConfig, params, tokenizer)`.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+from typing import Optional
+
+import jax
+from absl import logging
+
+from lm import checkpoint, distributed, presets, sharding
+from lm.config import ModelConfig
+from lm.model import abstract_params
+from lm.tokenizer import Tokenizer
+
+TOKENIZER = "tokenizer.model"
+
+
+def checkpoint_dir(path: str) -> str:
+    """The checkpoint directory of `path`, which may be a run directory or its `checkpoints/` itself."""
+    sub = os.path.join(path, "checkpoints")
+    return sub if os.path.isdir(sub) else path
+
+
+def run_dir(path: str) -> str:
+    """The run directory of `path` (a run directory or its `checkpoints/`)."""
+    path = os.path.abspath(path)
+    return path if os.path.isdir(os.path.join(path, "checkpoints")) else os.path.dirname(path)
+
+
+def latest_step(path: str) -> Optional[int]:
+    """The newest committed checkpoint step of a run directory (or its `checkpoints/`), None if none."""
+    return checkpoint.latest_step(checkpoint_dir(path))
+
+
+def model_config(config, base: Optional[dict] = None) -> ModelConfig:
+    """`config.model.preset` with the non-None `config.model.overrides`; or, when `base` (a saved ModelConfig
+    dict, e.g. of the `init_from` run) is given, that model with the overrides that only change how it runs.
+
+    An override that changes what the saved model computes (e.g. `position`) is an error naming the field.
+    """
+    overrides = {k: v for k, v in config.model.overrides.to_dict().items() if v is not None}
+    if base is None:
+        return presets.get(config.model.preset, **overrides)
+    saved = ModelConfig.from_dict(base)
+    saved.check_same_model(saved.replace(**overrides), f"the init_from run {config.init_from}")
+    return saved.replace(**overrides)
+
+
+def init_from(config):
+    """`(model_config_dict, init_params)` of `config.init_from` (None, None when it is empty).
+
+    init_params maps abstract params (with shardings) to the run's newest saved parameters.
+    """
+    if not config.init_from:
+        return None, None
+    ckpt = checkpoint_dir(config.init_from)
+    meta = checkpoint.load_meta(ckpt)
+    if "model" not in meta:
+        raise ValueError(f"checkpoint {ckpt} has no model config in its metadata")
+    return meta["model"], lambda abstract: checkpoint.load_params(ckpt, abstract)
+
+
+def check_vocab(tokenizer: Tokenizer, model_cfg: ModelConfig) -> None:
+    """Every token id must have an embedding row."""
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids but the model's vocab_size is "
+                         f"{model_cfg.vocab_size}; set --config.model.overrides.vocab_size={tokenizer.vocab_size}")
+
+
+def text_files(path: str) -> list[str]:
+    """`path` itself, or the `.txt` files under a directory (recursively, sorted)."""
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "**", "*.txt"), recursive=True))
+        if not files:
+            raise FileNotFoundError(f"data.path {path} holds no .txt files")
+        return files
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data.path {path} does not exist")
+    return [path]
+
+
+def run_tokenizer(workdir: str, source: str = "", train_on: Optional[str] = None, vocab_size: int = 0) -> Tokenizer:
+    """The run's tokenizer, kept as `WORKDIR/tokenizer.model`.
+
+    Copied from `source` when given; otherwise, unless the run already has one, trained on the text under
+    `train_on` with `vocab_size` ids (by process 0; the others wait).
+    """
+    target = os.path.join(workdir, TOKENIZER)
+    if distributed.is_primary():
+        os.makedirs(workdir, exist_ok=True)
+        if source:
+            src = Tokenizer.load(source).path
+            if os.path.abspath(src) != os.path.abspath(target):
+                shutil.copyfile(src, target)
+        elif not os.path.exists(target):
+            if train_on is None:
+                raise ValueError("no tokenizer: set data.tokenizer (or init_from a run that has one)")
+            logging.info("training a %d-piece tokenizer on %s", vocab_size, train_on)
+            Tokenizer.train(text_files(train_on), vocab_size, target[:-len(".model")])
+    distributed.barrier("tokenizer")
+    return Tokenizer.load(target)
+
+
+def save_config(config, workdir: str) -> None:
+    """Write the resolved config to `WORKDIR/config.json` (process 0)."""
+    if distributed.is_primary():
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=1, default=str)
+
+
+def start(config, workdir: str, *, needs: str = "", train_on: Optional[str] = None, vocab_size: int = 0):
+    """The common start of a stage: `(model config, init_params, tokenizer)`, config saved in `workdir`.
+
+    The model is `config.init_from`'s (with runtime overrides) or the preset's; the tokenizer is
+    `config.data.tokenizer`, else the `init_from` run's, else (pretraining) one trained on `train_on`; it is
+    kept as `WORKDIR/tokenizer.model`. `needs`, when given, makes `init_from` required and completes the error.
+    """
+    if needs and not config.init_from:
+        raise ValueError(f"config.init_from must name the run {needs}")
+    base_model, init_params = init_from(config)
+    model_cfg = model_config(config, base_model)
+    source = config.data.tokenizer
+    if not source and config.init_from:
+        source = os.path.join(run_dir(checkpoint_dir(config.init_from)), TOKENIZER)
+    tok = run_tokenizer(workdir, source, train_on, vocab_size)
+    check_vocab(tok, model_cfg)
+    save_config(config, workdir)
+    return model_cfg, init_params, tok
+
+
+def data_kwargs(config) -> dict:
+    """Arguments every lm.data pipeline takes, from the config and this process's place in the run."""
+    from lm.loop import local_batch_size
+
+    return dict(seq_len=config.data.seq_len, batch_size=local_batch_size(config), seed=config.seed,
+                process_index=jax.process_index(), process_count=jax.process_count(),
+                cache_dir=config.data.cache_dir or None, eval_fraction=config.data.eval_fraction)
+
+
+def is_hf_dir(path: str) -> bool:
+    """True when `path` holds a Hugging Face checkpoint: a config.json naming its architecture or model type
+    (a run directory's config.json is the run config)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and ("architectures" in config or "model_type" in config)
+
+
+def load_meta(path: str) -> dict:
+    """The checkpoint metadata of a run directory (or its `checkpoints/`): model config, heads, stage."""
+    ckpt = checkpoint_dir(path)
+    meta = checkpoint.load_meta(ckpt)
+    if "model" not in meta:
+        raise ValueError(f"checkpoint {ckpt} has no model config in its metadata (key 'model')")
+    return meta
+
+
+def load(path: str, *, mesh=None, rules=None, head: Optional[str] = None, cfg: Optional[ModelConfig] = None,
+         tokenizer: Optional[str] = None) -> tuple[ModelConfig, dict, Optional[Tokenizer]]:
+    """`(ModelConfig, params, tokenizer)` of a run directory of any stage, or of a Hugging Face directory.
+
+    A run's newest intact checkpoint gives its model: the policy for pretraining, SFT, DPO and PPO runs (a
+    PPO checkpoint holds actor and critic; its metadata names the actor as the policy), the scalar-head
+    model of a reward run. `head` ("lm" or "scalar") is checked against what the run holds. `cfg`, when
+    given, must be the same model as the saved one (it may differ in RUNTIME_FIELDS, e.g. param_dtype) and
+    is the layout the params are loaded into and the config returned. Params land on
+    `mesh` under `rules` (default lm.sharding.RULES) or, without a mesh, on the first local device. The
+    tokenizer is `tokenizer` (a path), else the run's `tokenizer.model`, else None.
+    """
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such directory (expected a run directory or a Hugging Face one)")
+    rules = sharding.RULES if rules is None else rules
+    if is_hf_dir(path):
+        from lm import hf
+
+        cfg, params = hf.load(path)
+        held = "lm"
+        if mesh is not None:
+            params = jax.device_put(params, jax.tree.map(lambda a: a.sharding, abstract_params(cfg, "lm", mesh, rules)))
+    else:
+        meta = load_meta(path)
+        saved = ModelConfig.from_dict(meta["model"])
+        if cfg is not None:
+            saved.check_same_model(cfg, f"the run {path}")
+        cfg = cfg or saved
+        layout = meta.get("params") or {"": meta.get("head", "lm")}  # {sub-model: head}; "" = the params
+        policy = meta.get("policy", "")
+        held = layout[policy]
+
+        def target(h):
+            return abstract_params(cfg, h, mesh, rules) if mesh is not None else abstract_params(cfg, h)
+
+        if head is None or held == head:
+            abstract = target(held) if "" in layout else {k: target(h) for k, h in layout.items()}
+            params = checkpoint.load_params(checkpoint_dir(path), abstract)
+            params = params if "" in layout else params[policy]
+    if head is not None and held != head:
+        raise ValueError(f"{path} holds a model with a {held!r} head, not the {head!r} head asked for "
+                         f"({'a reward model' if held == 'scalar' else 'a policy'})")
+    if tokenizer is None:
+        candidate = os.path.join(path if is_hf_dir(path) else run_dir(checkpoint_dir(path)), TOKENIZER)
+        tokenizer = candidate if os.path.isfile(candidate) else None
+    return cfg, params, Tokenizer.load(tokenizer) if tokenizer else None

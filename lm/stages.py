@@ -1,0 +1,50 @@
+"""The language-model stages as library functions `(config, workdir) -> workdir`: pretraining and SFT.
+
+Each one reads its config (configs/pretrain.py, configs/sft.py), starts from `config.init_from` when set,
+trains through lm.loop (resuming from `workdir`) and leaves a run directory the next stage can start from.
+Their launchers (`python -m experiments.pretrain`, `experiments.sft`) and the pipeline call these. The RL
+stages (reward model, PPO, DPO) are in rl.stages.
+"""
+from __future__ import annotations
+
+import functools
+
+from absl import logging
+
+from lm import data, losses, runs
+from lm.loop import fit
+from lm.model import Transformer, boxed_params
+
+
+def _fit_lm(config, workdir: str, stage: str, model_cfg, init_params, train_data, eval_data) -> str:
+    fit(config, workdir, loss_fn=losses.lm_loss_fn(Transformer(model_cfg)),
+        build_params=functools.partial(boxed_params, model_cfg), train_data=train_data, eval_data=eval_data,
+        init_params=init_params, meta={"model": model_cfg.to_dict(), "stage": stage, "head": "lm",
+                                       "config": config.to_dict()})
+    return workdir
+
+
+def pretrain(config, workdir: str) -> str:
+    """Pretrain a decoder LM (causal or GLM blank infilling, `data.objective`) on the text under `data.path`.
+
+    Without `data.tokenizer` a tokenizer of `data.vocab_size` pieces is trained on that text first.
+    """
+    d = config.data
+    model_cfg, init_params, tok = runs.start(config, workdir, train_on=d.path, vocab_size=d.vocab_size)
+    kw = dict(runs.data_kwargs(config), objective=d.objective, mask_ratio=d.mask_ratio,
+              poisson_lambda=d.poisson_lambda, gmask_prob=d.gmask_prob)
+    eval_data = data.pretrain_dataset(d.path, tok, split="eval", **kw) if config.train.eval_every else None
+    return _fit_lm(config, workdir, "pretrain", model_cfg, init_params,
+                   data.pretrain_dataset(d.path, tok, split="train", **kw), eval_data)
+
+
+def sft(config, workdir: str) -> str:
+    """Supervised fine-tuning on `{prompt, response}` JSONL (`data.path`), the loss on response tokens only."""
+    d = config.data
+    model_cfg, init_params, tok = runs.start(config, workdir)
+    if init_params is None:
+        logging.warning("config.init_from is empty: fine-tuning a randomly initialised %s", config.model.preset)
+    kw = dict(runs.data_kwargs(config), pack=d.pack, overlong=d.overlong)
+    eval_data = data.sft_dataset(d.path, tok, split="eval", **kw) if config.train.eval_every else None
+    return _fit_lm(config, workdir, "sft", model_cfg, init_params, data.sft_dataset(d.path, tok, split="train", **kw),
+                   eval_data)

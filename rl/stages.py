@@ -1,0 +1,166 @@
+"""The RLHF stages as library functions `(config, workdir) -> workdir`: reward model, PPO and DPO.
+
+Each starts from the SFT run named by `config.init_from` (its model and tokenizer), trains through the one
+loop (lm.loop: resume, logging, checkpoints, preemption) and leaves a run directory that `lm.load` reads.
+Their launchers (`python -m experiments.reward|ppo|dpo`) and the pipeline call these.
+
+A new RL method is a pure loss/advantage function (next to rl.ppo) plus a step (next to rl.ppo_step) and a
+stage function here that hands both to `lm.loop.run` as a `Program`; see docs/architecture.md.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import grain
+import jax
+import numpy as np
+from absl import logging
+
+from lm import data, distributed, loop, optim, runs, sharding
+from lm.data import builders
+from lm.model import abstract_params, boxed_params
+from rl import dpo as dpo_lib
+from rl import evaluate
+from rl import ppo_step as ps
+from rl import reward as reward_lib
+
+
+def _meta(config, model_cfg, stage: str, **extra) -> dict:
+    return {"model": model_cfg.to_dict(), "stage": stage, "config": config.to_dict(), **extra}
+
+
+def score_statistics(cfg, params, tok, path: str, *, seq_len: int, batch_size: int, cache_dir: Optional[str] = None,
+                     eval_fraction: float = 0.0) -> tuple[float, float, int]:
+    """`(mean, std, count)` of a reward model's scores of every response of a preference file's training
+    split, each scored once (rl.evaluate.scores, `batch_size` responses per call)."""
+    prompts, responses = [], []
+    for row in builders.data_source("preference", path, "train", cache_dir=cache_dir, eval_fraction=eval_fraction):
+        for r in row["responses"]:
+            prompts.append(_text(row["prompt"]))
+            responses.append(_text(r))
+    s = evaluate.scores(cfg, params, tok, prompts, responses, width=seq_len, batch_size=batch_size)
+    return float(np.mean(s)), float(np.std(s)), len(s)
+
+
+def _text(x) -> str:
+    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def reward(config, workdir: str) -> str:
+    """Train a reward model from the SFT run on ranked responses (InstructGPT's K-wise ranking loss).
+
+    The trunk is copied from the SFT run and a new scalar head added (`reward.head_init`). With
+    `reward.normalize`, every training response is scored at the end and the statistics saved
+    (`reward_norm.json`), so `rl.reward.load` gives scores with mean 0 and std 1 on the SFT policy's responses.
+    """
+    hp = reward_lib.RewardConfig(**config.reward.to_dict())
+    model_cfg, sft_params, tok = runs.start(config, workdir, needs="(SFT) the reward model starts from")
+    mesh, rules = loop.mesh_and_rules(config)
+
+    def init_params(abstract):
+        sft = sft_params(abstract_params(model_cfg, "lm", mesh, rules))
+        params = reward_lib.init_from_sft(model_cfg, sft, jax.random.PRNGKey(config.seed), hp.head_init)
+        return jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), params, abstract)
+
+    d = config.data
+    kw = dict(runs.data_kwargs(config), k=d.k, overlong=d.overlong)
+    eval_data = data.preference_dataset(d.path, tok, split="eval", **kw) if config.train.eval_every else None
+    state = loop.fit(config, workdir, loss_fn=reward_lib.reward_loss_fn(model_cfg),
+                     build_params=lambda rng: boxed_params(model_cfg, rng, head="scalar"),
+                     train_data=data.preference_dataset(d.path, tok, split="train", **kw), eval_data=eval_data,
+                     init_params=init_params, meta=_meta(config, model_cfg, "reward", head="scalar"))
+    if hp.normalize:
+        mean, std, n = score_statistics(model_cfg, state.params, tok, d.path, seq_len=d.seq_len,
+                                        batch_size=config.train.batch_size * d.k, cache_dir=d.cache_dir or None,
+                                        eval_fraction=d.eval_fraction)
+        if distributed.is_primary():
+            path = reward_lib.save_normalization(workdir, mean, std, n)
+            logging.info("reward scores of %d training responses: mean %.4f, std %.4f (saved to %s)", n, mean, std,
+                         path)
+    return workdir
+
+
+def dpo(config, workdir: str) -> str:
+    """Train a policy with DPO from the SFT run on ranked responses, against the frozen SFT model."""
+    hp = dpo_lib.DPOConfig(**config.dpo.to_dict())
+    model_cfg, sft_params, tok = runs.start(config, workdir, needs="(SFT): policy start and reference")
+    mesh, rules = loop.mesh_and_rules(config)
+    ref = sft_params(abstract_params(model_cfg, "lm", mesh, rules))
+    d = config.data
+    kw = dict(runs.data_kwargs(config), k=d.k, overlong=d.overlong)
+
+    def dataset(split):
+        prefs = data.preference_dataset(d.path, tok, split=split, **kw)
+        return dpo_lib.with_reference_logps(prefs, model_cfg, ref, mesh, rules)
+
+    loop.fit(config, workdir, loss_fn=dpo_lib.dpo_loss_fn(model_cfg, hp.beta, hp.label_smoothing),
+             build_params=lambda rng: boxed_params(model_cfg, rng), train_data=dataset("train"),
+             eval_data=dataset("eval") if config.train.eval_every else None, init_params=sft_params,
+             meta=_meta(config, model_cfg, "dpo", head="lm"))
+    return workdir
+
+
+def ppo(config, workdir: str, on_iteration: Optional[Callable] = None) -> str:
+    """RLHF with PPO: the SFT policy optimised against the reward model with a per-token KL penalty.
+
+    Actor and reference come from `init_from` (SFT); the reward model (normalised, `reward_normalize`) and by
+    default the critic (`critic_init`) from `reward_from`; prompts from `data.path`; with `ppo.ptx_coef > 0`
+    pretraining batches from `ptx.path` (PPO-ptx). `train.steps` counts iterations (one rollout batch of
+    `train.batch_size` prompts each). on_iteration: optional `f(iteration, metrics: dict of floats,
+    out: lm.generation.SampleOutput, prompt_batch)` after each iteration, e.g. to grade the rollouts.
+    """
+    if not config.init_from or not config.reward_from:
+        raise ValueError("config.init_from (the SFT run) and config.reward_from (the reward run) are both required")
+    if config.critic_init not in ("reward", "zeros"):
+        raise ValueError(f"critic_init={config.critic_init!r} must be 'reward' or 'zeros'")
+    hp = ps.PPOConfig.from_mapping(config.ppo)
+    model_cfg, sft_params, tok = runs.start(config, workdir, needs="(SFT): actor and reference")
+    mesh, rules = loop.mesh_and_rules(config)
+    tc = config.train
+    tx, lr = optim.make_optimizer(config.optim, tc.steps * hp.epochs * hp.mini_batches)
+    abstract, shardings, frozen_sh = ps.state_shardings(model_cfg, tx, mesh, rules)
+    _, rm = reward_lib.load(config.reward_from, cfg=model_cfg, mesh=mesh, rules=rules,
+                            normalize=config.reward_normalize)
+    frozen = {"ref": sft_params(abstract_params(model_cfg, "lm", mesh, rules)), "reward": rm}
+
+    n = jax.process_count()
+    prompts = data.read_prompts(config.data.path, tok, config.data.prompt_len)
+    batches = data.prompt_dataset(prompts, width=config.data.prompt_len, batch_size=loop.local_batch_size(config),
+                                  seed=config.seed, pad_id=tok.pad_id, process_index=jax.process_index(),
+                                  process_count=n)
+    if hp.ptx_coef > 0:
+        p = config.ptx
+        ptx = data.pretrain_dataset(p.path, tok, seq_len=p.seq_len, seed=config.seed, objective=p.objective,
+                                    batch_size=loop.local_batch_size(config, p.batch_size, "ptx.batch_size"),
+                                    cache_dir=p.cache_dir or None, process_index=jax.process_index(),
+                                    process_count=n)
+        batches = grain.experimental.ZipIterDataset([batches, ptx])
+
+    def fresh():
+        critic = (frozen["reward"] if config.critic_init == "reward"
+                  else reward_lib.init_from_sft(model_cfg, frozen["ref"], jax.random.PRNGKey(config.seed), "zeros"))
+        return ps.init_state(frozen["ref"], critic, tx, hp.kl_coef, jax.random.PRNGKey(config.seed), shardings)
+
+    steps = ps.make_steps(model_cfg, hp, tx, shardings, frozen_sh, mesh, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                          rules=rules, lr_schedule=lr)
+
+    def step(state, batch):
+        prompt_batch, ptx_batch = batch if hp.ptx_coef > 0 else (batch, None)
+        prompt_batch = sharding.global_batch(prompt_batch, mesh, rules)  # this process's rows -> global
+        ptx_batch = None if ptx_batch is None else sharding.global_batch(ptx_batch, mesh, rules)
+        state, metrics, out = steps.iteration(state, frozen, prompt_batch["tokens"], prompt_batch["lengths"],
+                                              ptx_batch)
+        return state, metrics, (out, prompt_batch)
+
+    def on_step(it, metrics, aux):
+        if on_iteration is not None:
+            on_iteration(it, metrics, *aux)
+
+    loop.run(config, workdir, loop.Program(
+        abstract_state=abstract, init_state=fresh, step=step, data=batches, on_step=on_step,
+        max_bad_steps=hp.max_bad_iterations, bad_steps_flag="ppo.max_bad_iterations",
+        hint="Lower the learning rate, clip scores (ppo.score_clip) or check the reward model.",
+        progress=("score", "kl"),
+        meta=_meta(config, model_cfg, "ppo", params={"actor": "lm", "critic": "scalar"}, policy="actor")))
+    return workdir
