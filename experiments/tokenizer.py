@@ -4,11 +4,9 @@
 
 writes `runs/tokenizer/tok.model` (load it with `lm.tokenizer.Tokenizer.load`) and `tok.vocab`.
 """
-import glob
-import os
-
 from absl import app, flags, logging
 
+from lm import runs
 from lm.tokenizer import Tokenizer
 
 _INPUT = flags.DEFINE_list("input", None, "Text files or directories (their *.txt files, recursively).",
@@ -23,18 +21,10 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the trainer's sampling.")
 
 def input_files(paths):
     """Expands directories to their `.txt` files (sorted); plain paths pass through."""
-    files = []
-    for p in paths:
-        if os.path.isdir(p):
-            found = sorted(glob.glob(os.path.join(p, "**", "*.txt"), recursive=True))
-            if not found:
-                raise app.UsageError(f"--input directory {p} holds no .txt files")
-            files += found
-        elif os.path.isfile(p):
-            files.append(p)
-        else:
-            raise app.UsageError(f"--input path {p} does not exist")
-    return files
+    try:
+        return [f for p in paths for f in runs.text_files(p, name="--input")]
+    except FileNotFoundError as e:
+        raise app.UsageError(str(e)) from None
 
 
 def main(argv):

@@ -77,15 +77,15 @@ def check_vocab(tokenizer: Tokenizer, model_cfg: ModelConfig) -> None:
                          f"{model_cfg.vocab_size}; set --config.model.overrides.vocab_size={tokenizer.vocab_size}")
 
 
-def text_files(path: str) -> list[str]:
-    """`path` itself, or the `.txt` files under a directory (recursively, sorted)."""
+def text_files(path: str, name: str = "data.path") -> list[str]:
+    """`path` itself, or the `.txt` files under a directory (recursively, sorted); errors call it `name`."""
     if os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(path, "**", "*.txt"), recursive=True))
         if not files:
-            raise FileNotFoundError(f"data.path {path} holds no .txt files")
+            raise FileNotFoundError(f"{name} {path} holds no .txt files")
         return files
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"data.path {path} does not exist")
+        raise FileNotFoundError(f"{name} {path} does not exist")
     return [path]
 
 

@@ -39,7 +39,7 @@ def score_statistics(cfg, params, tok, path: str, *, seq_len: int, batch_size: i
         for r in row["responses"]:
             prompts.append(_text(row["prompt"]))
             responses.append(_text(r))
-    s = evaluate.scores(cfg, params, tok, prompts, responses, width=seq_len, batch_size=batch_size)
+    s = evaluate.scores(cfg, params, tok, prompts, responses, width=seq_len, batch_size=batch_size).astype(np.float64)
     return float(np.mean(s)), float(np.std(s)), len(s)
 
 

@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import common
-from lm import losses, optim, presets, sharding, train
+from lm import losses, optim, presets, sharding, train_step
 from lm.model import Transformer
 
 CFG = presets.get("llama-tiny", vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
@@ -38,10 +38,10 @@ def numpy_params(abstract):
 
 def run_steps(mesh, data):
     tx, lr = optim.make_optimizer(common.optim(1e-2, 1), 10)
-    abstract, _ = train.state_shardings(build(CFG), tx, mesh)
-    state, shardings = train.init_state(build(CFG), tx, jax.random.PRNGKey(0), mesh,
+    abstract, _ = train_step.state_shardings(build(CFG), tx, mesh)
+    state, shardings = train_step.init_state(build(CFG), tx, jax.random.PRNGKey(0), mesh,
                                         params=numpy_params(abstract.params))
-    step = train.make_train_step(losses.lm_loss_fn(Transformer(CFG)), tx, shardings, mesh, lr_schedule=lr)
+    step = train_step.make_train_step(losses.lm_loss_fn(Transformer(CFG)), tx, shardings, mesh, lr_schedule=lr)
     out = []
     for b in data:
         state, m = step(state, sharding.global_batch(b, mesh))
@@ -68,9 +68,9 @@ def test_rules_from_config_and_override():
     mesh = sharding.make_mesh((1, 8, 1))
     tx, _ = optim.make_optimizer(common.optim(1e-3, 1), 10)
     no_fsdp = sharding.rules_from_config({**common.mesh().rules.to_dict(), "embed": ""})
-    _, sh = train.state_shardings(build(CFG), tx, mesh, no_fsdp)
+    _, sh = train_step.state_shardings(build(CFG), tx, mesh, no_fsdp)
     assert sh.params["layers"]["mlp"]["wi"]["kernel"].spec == P(None, None, "tensor")
-    _, sh = train.state_shardings(build(CFG), tx, mesh, rules)
+    _, sh = train_step.state_shardings(build(CFG), tx, mesh, rules)
     assert sh.params["layers"]["mlp"]["wi"]["kernel"].spec == P(None, "fsdp", "tensor")
 
 
@@ -78,7 +78,7 @@ def test_indivisible_dims_fall_back_to_replication_with_a_named_warning(caplog):
     mesh = sharding.make_mesh((1, 2, 4))  # 2 kv heads cannot split 4 ways; 4 query heads can
     tx, _ = optim.make_optimizer(common.optim(1e-3, 1), 10)
     with caplog.at_level(logging.WARNING, logger="lm.sharding"):
-        _, sh = train.state_shardings(build(CFG), tx, mesh)
+        _, sh = train_step.state_shardings(build(CFG), tx, mesh)
     assert sh.params["layers"]["attn"]["k"]["kernel"].spec == P(None, "fsdp", None, None)
     assert sh.params["layers"]["attn"]["q"]["kernel"].spec == P(None, "fsdp", "tensor", None)
     assert any("['attn']['k']['kernel']" in r.message and "(2, 32, 2, 8)" in r.message for r in caplog.records)

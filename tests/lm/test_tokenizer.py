@@ -96,7 +96,7 @@ def test_cli(tmp_path):
 
 
 @pytest.mark.parametrize("make_input, message", [
-    (lambda d: "/no/such/dir", "--input path /no/such/dir does not exist"),
+    (lambda d: "/no/such/dir", "--input /no/such/dir does not exist"),
     (lambda d: str(d), "holds no .txt files"),
 ])
 def test_cli_input_errors(tmp_path, make_input, message):
