@@ -18,6 +18,7 @@ machine, `--single_thread` (one core, one compute thread on both sides) gives th
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -32,7 +33,7 @@ import torch  # noqa: E402
 
 from configs import common  # noqa: E402
 from lm import losses, optim, presets, sharding, train_step  # noqa: E402
-from lm.model import Transformer  # noqa: E402
+from lm.model import Transformer, boxed_params  # noqa: E402
 
 LAYERS, D, HEADS, FF, VOCAB, SEQ, BATCH = 4, 512, 8, 1376, 32000, 256, 8
 LR, WARMUP, TOTAL = 3e-4, 10, 1000
@@ -56,7 +57,7 @@ def jax_runner(batch):
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     ocfg = common.optim(LR, WARMUP)
     tx, lr = optim.make_optimizer(ocfg, TOTAL)
-    build = lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"]  # noqa: E731
+    build = functools.partial(boxed_params, cfg)
     state, shardings = train_step.init_state(build, tx, jax.random.PRNGKey(0), mesh)
     step = train_step.make_train_step(losses.lm_loss_fn(model), tx, shardings, mesh, lr_schedule=lr)
     gbatch = sharding.global_batch(batch, mesh)

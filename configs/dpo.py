@@ -3,11 +3,9 @@
 The policy starts from the SFT run and is trained on the reward model's preference data against the frozen
 SFT model as reference (rl.dpo). Presets: `tiny` (CPU), `llama-7b`, `bloom-7b1`, `glm-6b`.
 """
-import ml_collections as mlc
-
 from configs import common
-from rl.dpo import DPOConfig
 from configs import reward as reward_config
+from rl.dpo import DPOConfig
 
 PRESETS = ("tiny", "llama-7b", "bloom-7b1", "glm-6b")
 

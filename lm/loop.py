@@ -253,14 +253,14 @@ def fit(config, workdir: str, *, loss_fn: LossFn, build_params: Callable, train_
 
     step_fn = make_train_step(loss_fn, tx, shardings, mesh, rules=rules, micro_batches=tc.micro_batches,
                               lr_schedule=lr)
-    evaluate_fn = None
-    if eval_data is not None:
-        eval_step = make_eval_step(loss_fn, shardings.params, mesh, rules=rules)
-        eval_rng = jax.random.PRNGKey(config.seed + 1)
-        evaluate_fn = lambda state: evaluate(eval_step, state.params, eval_data, tc.eval_batches, mesh, rules,  # noqa: E731
-                                             eval_rng)
+    eval_step = None if eval_data is None else make_eval_step(loss_fn, shardings.params, mesh, rules=rules)
+
+    def evaluate_fn(state):
+        return evaluate(eval_step, state.params, eval_data, tc.eval_batches, mesh, rules,
+                        jax.random.PRNGKey(config.seed + 1))
     program = Program(
-        abstract_state=abstract, init_state=fresh, data=train_data, evaluate=evaluate_fn, meta=dict(meta or {}),
+        abstract_state=abstract, init_state=fresh, data=train_data, meta=dict(meta or {}),
+        evaluate=None if eval_step is None else evaluate_fn,
         step=lambda state, batch: step_fn(state, sharding.global_batch(batch, mesh, rules)),
         tokens=lambda batch: int(np.asarray(batch["inputs"]).size) if "inputs" in batch else 0,
         max_bad_steps=tc.max_bad_steps)

@@ -19,6 +19,7 @@ from absl import logging
 
 from lm import checkpoint, distributed, presets, sharding
 from lm.config import ModelConfig
+from lm.loop import local_batch_size
 from lm.model import abstract_params
 from lm.tokenizer import Tokenizer
 
@@ -141,8 +142,6 @@ def start(config, workdir: str, *, needs: str = "", train_on: Optional[str] = No
 
 def data_kwargs(config) -> dict:
     """Arguments every lm.data pipeline takes, from the config and this process's place in the run."""
-    from lm.loop import local_batch_size
-
     return dict(seq_len=config.data.seq_len, batch_size=local_batch_size(config), seed=config.seed,
                 process_index=jax.process_index(), process_count=jax.process_count(),
                 cache_dir=config.data.cache_dir or None, eval_fraction=config.data.eval_fraction)
@@ -174,11 +173,11 @@ def load(path: str, *, mesh=None, rules=None, head: Optional[str] = None, cfg: O
 
     A run's newest intact checkpoint gives its model: the policy for pretraining, SFT, DPO and PPO runs (a
     PPO checkpoint holds actor and critic; its metadata names the actor as the policy), the scalar-head
-    model of a reward run. `head` ("lm" or "scalar") is checked against what the run holds. `cfg`, when
-    given, must be the same model as the saved one (it may differ in RUNTIME_FIELDS, e.g. param_dtype) and
-    is the layout the params are loaded into and the config returned. Params land on
-    `mesh` under `rules` (default lm.sharding.RULES) or, without a mesh, on the first local device. The
-    tokenizer is `tokenizer` (a path), else the run's `tokenizer.model`, else None.
+    model of a reward run. `head` ("lm" or "scalar") is checked against what the run holds. `cfg` (run
+    directories only), when given, must be the same model as the saved one (it may differ in
+    RUNTIME_FIELDS, e.g. param_dtype); the params are loaded in its layout and it is the config returned.
+    Params land on `mesh` under `rules` (default lm.sharding.RULES) or, without a mesh, on the first local
+    device. The tokenizer is `tokenizer` (a path), else the run's `tokenizer.model`, else None.
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such directory (expected a run directory or a Hugging Face one)")

@@ -9,12 +9,15 @@ Every jitted call has a fixed batch size (the last batch is padded), so each com
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 
+from lm import sharding
 from lm.data.chat import format_prompt, format_response
 from lm.generation import generate
 from lm.tokenizer import Tokenizer
@@ -77,14 +80,29 @@ def _batches(prompts: Sequence[str], responses: Sequence[str], batch_size: int):
         yield p + [p[-1]] * (batch_size - len(p)), r + [r[-1]] * (batch_size - len(r)), len(p)
 
 
+@contextlib.contextmanager
+def _layout(mesh, rules):
+    """Params sharded on `mesh` run as the trainers run them: under the mesh and the logical-axis rules (left
+    to itself, the partitioner lays a tiny model's activations out several times slower)."""
+    if mesh is None:
+        yield
+        return
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES if rules is None else rules):
+        yield
+
+
 def scores(cfg, params, tok: Tokenizer, prompts: Sequence[str], responses: Sequence[str], *, width: int,
-           batch_size: int) -> np.ndarray:
-    """Reward-model scores `[N]` of responses to their prompts (the scalar head's value at each response's eos)."""
+           batch_size: int, mesh=None, rules=None) -> np.ndarray:
+    """Reward-model scores `[N]` of responses to their prompts (the scalar head's value at each response's eos).
+
+    mesh, rules: where `params` are sharded (e.g. a trainer's state), None for params on one device.
+    """
     out = []
-    for p, r, n in _batches(prompts, responses, batch_size):
-        tokens, mask = pack(tok, p, r, width)
-        last = (np.arange(width)[None] * (mask > 0)).max(-1).astype(np.int32)
-        out.append(np.asarray(_scores(cfg, params, tokens, last))[:n])
+    with _layout(mesh, rules):
+        for p, r, n in _batches(prompts, responses, batch_size):
+            tokens, mask = pack(tok, p, r, width)
+            last = (np.arange(width)[None] * (mask > 0)).max(-1).astype(np.int32)
+            out.append(np.asarray(_scores(cfg, params, tokens, last))[:n])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 

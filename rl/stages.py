@@ -9,7 +9,6 @@ stage function here that hands both to `lm.loop.run` as a `Program`; see docs/ar
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional
 
 import grain
@@ -31,15 +30,16 @@ def _meta(config, model_cfg, stage: str, **extra) -> dict:
 
 
 def score_statistics(cfg, params, tok, path: str, *, seq_len: int, batch_size: int, cache_dir: Optional[str] = None,
-                     eval_fraction: float = 0.0) -> tuple[float, float, int]:
+                     eval_fraction: float = 0.0, mesh=None, rules=None) -> tuple[float, float, int]:
     """`(mean, std, count)` of a reward model's scores of every response of a preference file's training
-    split, each scored once (rl.evaluate.scores, `batch_size` responses per call)."""
+    split, each scored once (rl.evaluate.scores, `batch_size` responses per call, params sharded on `mesh`)."""
     prompts, responses = [], []
     for row in builders.data_source("preference", path, "train", cache_dir=cache_dir, eval_fraction=eval_fraction):
         for r in row["responses"]:
             prompts.append(_text(row["prompt"]))
             responses.append(_text(r))
-    s = evaluate.scores(cfg, params, tok, prompts, responses, width=seq_len, batch_size=batch_size).astype(np.float64)
+    s = evaluate.scores(cfg, params, tok, prompts, responses, width=seq_len, batch_size=batch_size, mesh=mesh,
+                        rules=rules).astype(np.float64)
     return float(np.mean(s)), float(np.std(s)), len(s)
 
 
@@ -73,7 +73,7 @@ def reward(config, workdir: str) -> str:
     if hp.normalize:
         mean, std, n = score_statistics(model_cfg, state.params, tok, d.path, seq_len=d.seq_len,
                                         batch_size=config.train.batch_size * d.k, cache_dir=d.cache_dir or None,
-                                        eval_fraction=d.eval_fraction)
+                                        eval_fraction=d.eval_fraction, mesh=mesh, rules=rules)
         if distributed.is_primary():
             path = reward_lib.save_normalization(workdir, mean, std, n)
             logging.info("reward scores of %d training responses: mean %.4f, std %.4f (saved to %s)", n, mean, std,
