@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import traceback
 from typing import Callable, Optional
 
 from absl import app, flags, logging
@@ -66,16 +67,23 @@ def run(main) -> None:
     """`absl.app.run(main)` with the clear config-override errors of `parse_flags`.
 
     Logging defaults to warnings only, keeping the progress bar readable; `--verbosity=0` brings INFO back.
-    A run preempted by SIGTERM (lm.loop.Preempted: its state is saved) exits with status 143 and one line.
+    A run preempted by SIGTERM (lm.loop.Preempted: its state is saved) exits with status 143 and one line;
+    a bad config, path or checkpoint, or a run stopped for non-finite updates, exits with status 1 and one
+    `error:` line (the traceback is logged at INFO: `--verbosity=0` shows it).
     """
     def guarded(argv):
-        from lm.loop import Preempted
+        from lm.checkpoint import CheckpointError
+        from lm.loop import Preempted, TrainingStopped
 
         try:
             return main(argv)
         except Preempted as e:
             print(str(e), file=sys.stderr, flush=True)
             sys.exit(PREEMPTED_EXIT)
+        except (ValueError, FileNotFoundError, TrainingStopped, CheckpointError) as e:
+            logging.info("traceback:\n%s", traceback.format_exc())
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(1)
 
     app.run(guarded, flags_parser=parse_flags)
 

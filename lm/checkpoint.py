@@ -8,7 +8,8 @@ JSON file per process) and `meta` (JSON: model config, run config). Saves are as
 (orbax writes to a temporary directory and renames it on commit); all processes take part in every save.
 
 A committed checkpoint can still be damaged later (a truncated copy, a full disk on another tool's write):
-restoring then names it, moves it aside as `STEP.damaged` and falls back to the newest intact one.
+resuming then names it, moves it aside as `STEP.damaged` and continues from the newest step that reads back
+on every process; readers (`load_params`, `load_meta`) skip it with the same warning and rename nothing.
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from typing import Any, Callable, Mapping, Optional
 
 import grain.checkpoint as grain_ckpt
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from lm import distributed
 
@@ -66,39 +69,66 @@ def check_shapes(saved, expected, where: str) -> None:
                          + "\n  ".join(problems[:5]) + more)
 
 
+class CheckpointError(RuntimeError):
+    """No checkpoint of a directory reads back."""
+
+
 class CheckpointMismatch(ValueError):
     """The checkpoint is intact but belongs to another model: an error of the run's config, not damage."""
 
 
-def _newest_intact(mngr: ocp.CheckpointManager, directory: str, read: Callable[[int], Any],
-                   step: Optional[int] = None):
-    """`(step, read(step))` for `step`, or else the newest step that reads back; damaged ones are set aside.
+def _all_ok(ok: bool) -> bool:
+    """Whether `ok` holds on every process (each one reads its own files, so damage can be local)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(multihost_utils.process_allgather(np.int32(ok)).min())
 
-    A step whose files fail to read (truncated JSON, missing arrays) is named in a warning, renamed to
-    `STEP.damaged` (so a resumed run can write that step again) and the next older one is tried.
+
+def _set_aside(directory: str, step: int) -> str:
+    """Rename a damaged step directory out of orbax's view (process 0), keeping it for a look."""
+    target = os.path.join(directory, f"{step}.damaged")
+    n = 1
+    while os.path.exists(target):
+        target, n = os.path.join(directory, f"{step}.damaged.{n}"), n + 1
+    if distributed.is_primary():
+        os.replace(os.path.join(directory, str(step)), target)
+    distributed.barrier(f"damaged_checkpoint_{step}")
+    return target
+
+
+def _newest_intact(mngr: ocp.CheckpointManager, directory: str, read: Callable[[int], Any],
+                   step: Optional[int] = None, set_aside: bool = False):
+    """`(step, read(step))` for `step`, or else the newest step that reads back on every process.
+
+    A newer step that fails to read (truncated JSON, missing arrays) while an older one reads back is damaged:
+    named in a warning and, with `set_aside` (the run that owns the directory), renamed `STEP.damaged` so the
+    run can write that step again. When no step reads back nothing is renamed: the same error on every step
+    is a problem of this run (another process count, another data pipeline), raised with the newest's error.
     """
     steps = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
     if not steps:
         raise FileNotFoundError(f"no committed checkpoint in {directory}")
-    damaged = []
+    failed = []
     for s in steps:
         try:
-            return s, read(s)
+            value, error = read(s), None
         except CheckpointMismatch:
             raise
-        except Exception as e:  # orbax/tensorstore raise many types for unreadable files
-            if step is not None:
-                raise RuntimeError(f"checkpoint {directory}/{s} is damaged: {type(e).__name__}: {e}") from e
-            damaged.append(s)
-            older = [t for t in steps if t < s]
-            log.warning("checkpoint %s/%d is damaged (%s: %s); %s", directory, s, type(e).__name__,
-                        str(e).splitlines()[0][:300], f"trying step {older[0]}" if older else "no older one")
-            if distributed.is_primary():
-                os.replace(os.path.join(directory, str(s)), os.path.join(directory, f"{s}.damaged"))
-            distributed.barrier(f"damaged_checkpoint_{s}")
-            mngr.reload()
-    raise RuntimeError(f"every checkpoint in {directory} is damaged (steps {damaged}, now *.damaged); "
-                       "delete the directory to start the run afresh")
+        except Exception as e:  # orbax, tensorstore and grain raise many types for unreadable files
+            value, error = None, e
+        if _all_ok(error is None):
+            for bad, e in failed:
+                log.warning("checkpoint %s/%d is damaged (%s: %s); resuming from step %d", directory, bad,
+                            type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "", s)
+                if set_aside:
+                    _set_aside(directory, bad)
+            if failed and set_aside:
+                mngr.reload()
+            return s, value
+        failed.append((s, error or RuntimeError("unreadable on another process")))
+    s, e = failed[0]
+    raise CheckpointError(f"no checkpoint in {directory} reads back (steps {[f for f, _ in failed]}); the newest, "
+                       f"{s}, fails with {type(e).__name__}: {e}") from e
 
 
 class Checkpointer:
@@ -142,10 +172,11 @@ class Checkpointer:
         def read(s):
             where = f"{self.directory}/{s}"
             meta = self._mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            try:
+            saved = self._mngr.item_metadata(s)["params"].tree  # unreadable: damage
+            try:  # readable but not this run's model: a config error
                 if check_meta is not None:
                     check_meta(meta, where)
-                check_shapes(self._mngr.item_metadata(s)["params"].tree, abstract_state.params, where)
+                check_shapes(saved, abstract_state.params, where)
             except ValueError as e:
                 raise CheckpointMismatch(str(e)) from None
             items = {"params": ocp.args.StandardRestore(abstract_state.params),
@@ -155,7 +186,7 @@ class Checkpointer:
             out = self._mngr.restore(s, args=ocp.args.Composite(**items))
             return type(abstract_state)(params=out["params"], **out["train"])
 
-        _, state = _newest_intact(self._mngr, self.directory, read, step)
+        _, state = _newest_intact(self._mngr, self.directory, read, step, set_aside=True)
         return state
 
     def wait(self) -> None:
@@ -197,8 +228,9 @@ def load_params(directory: str, abstract_params, step: Optional[int] = None):
     sharding are loaded onto the first local device. Without `step`, the newest intact checkpoint.
     """
     def read(mngr, s):
+        saved = mngr.item_metadata(s)["params"].tree
         try:
-            check_shapes(mngr.item_metadata(s)["params"].tree, abstract_params, f"{directory}/{s}")
+            check_shapes(saved, abstract_params, f"{directory}/{s}")
         except ValueError as e:
             raise CheckpointMismatch(str(e)) from None
         target = ocp.args.StandardRestore(_with_sharding(abstract_params))

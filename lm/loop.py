@@ -52,7 +52,7 @@ class Program:
     step: `(state, batch) -> (state, metrics)` or `(state, metrics, aux)`, jitted; `batch` is what `data`
       yields on this process. metrics: device scalars including `bad_streak`; aux goes to `on_step`.
     data: this process's batches; a grain iterator (its position is checkpointed), endless or not.
-    evaluate: optional `state -> dict of floats` run every `train.eval_every` steps and at the end.
+    evaluate: optional `state -> dict of floats` run every `train.eval_every` steps and at the last step.
     on_step: optional host hook `(step, metrics as floats, aux)` after each step's metrics are read.
     tokens: optional `batch -> int`, this process's tokens in a batch (for tokens/s).
     max_bad_steps: stop after this many skipped updates in a row; bad_steps_flag names the config field.
@@ -80,15 +80,6 @@ def mesh_and_rules(config):
     return sharding.make_mesh(config.mesh.shape, config.mesh.axes), rules
 
 
-def local_batch_size(config, batch_size: Optional[int] = None, name: str = "train.batch_size") -> int:
-    """Rows of each global batch (default `config.train.batch_size`) that this process loads."""
-    batch_size = config.train.batch_size if batch_size is None else batch_size
-    n = jax.process_count()
-    if batch_size % n:
-        raise ValueError(f"{name}={batch_size} is not divisible by the {n} processes")
-    return batch_size // n
-
-
 def check_streak(metrics: Mapping[str, Any], limit: int, step: int, flag: str = "train.max_bad_steps",
                  hint: str = "") -> None:
     """Raise `TrainingStopped` when `metrics["bad_streak"]` reached `limit` (updates skipped in a row)."""
@@ -110,14 +101,16 @@ def check_model(meta: Mapping[str, Any]) -> Callable[[dict, str], None]:
 
 class _StopSignal:
     """Notices SIGTERM: JAX's preemption sync point with several processes (every host agrees on the step to
-    save), a signal handler in a single process. The previous handler is restored on exit."""
+    save), a signal handler in a single process. On `close` the previous handler is back, and a SIGTERM the
+    loop did not act on (one that came during the final save) is raised again, so the process still ends."""
 
     def __init__(self):
-        self.received = False
-        self._previous = None
+        self.received = self.handled = False
+        self._installed = False
         self._multi = jax.process_count() > 1
         if not self._multi and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
 
     def _handle(self, signum, frame):
         del signum, frame
@@ -129,8 +122,12 @@ class _StopSignal:
         return self.received
 
     def close(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        if not self._installed:
+            return
+        # None: the previous handler was not installed from Python; the default action is the closest.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+        if self.received and not self.handled:
+            signal.raise_signal(signal.SIGTERM)
 
 
 def run(config, workdir: str, program: Program):
@@ -199,16 +196,17 @@ def run(config, workdir: str, program: Program):
             ckpt.save(step, state, data_iter, meta, force=preempted)
             if preempted:
                 ckpt.wait()
+                stop.handled = True
                 raise Preempted(step, ckpt.directory)
         if pending is not None:
             report(pending, {})
         ckpt.save(int(state.step), state, data_iter, meta, force=True)
         ckpt.wait()
     finally:
-        stop.close()
         if log is not None:
             log.close()
-        ckpt.close()
+        ckpt.close()  # waits for a pending save
+        stop.close()
     return state
 
 

@@ -8,6 +8,7 @@ directory, into `(ModelConfig, params, tokenizer)`.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -19,7 +20,6 @@ from absl import logging
 
 from lm import checkpoint, distributed, presets, sharding
 from lm.config import ModelConfig
-from lm.loop import local_batch_size
 from lm.model import abstract_params
 from lm.tokenizer import Tokenizer
 
@@ -43,6 +43,16 @@ def latest_step(path: str) -> Optional[int]:
     return checkpoint.latest_step(checkpoint_dir(path))
 
 
+def recipe(cls, section, name: str):
+    """The recipe dataclass `cls` (e.g. rl.ppo_step.PPOConfig) from its config section; an unknown key is an
+    error naming it (configs build those sections from the same dataclass: configs.common.from_dataclass)."""
+    values = section.to_dict() if hasattr(section, "to_dict") else dict(section)
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"config section {name!r} has unknown field(s) {sorted(unknown)} for {cls.__name__}")
+    return cls(**values)
+
+
 def model_config(config, base: Optional[dict] = None) -> ModelConfig:
     """`config.model.preset` with the non-None `config.model.overrides`; or, when `base` (a saved ModelConfig
     dict, e.g. of the `init_from` run) is given, that model with the overrides that only change how it runs.
@@ -60,15 +70,20 @@ def model_config(config, base: Optional[dict] = None) -> ModelConfig:
 def init_from(config):
     """`(model_config_dict, init_params)` of `config.init_from` (None, None when it is empty).
 
-    init_params maps abstract params (with shardings) to the run's newest saved parameters.
+    init_params maps the abstract params of a policy (language-model head, with shardings) to the run's
+    newest saved policy: the params of an LM run, the actor of a PPO run; a reward model is refused.
     """
     if not config.init_from:
         return None, None
-    ckpt = checkpoint_dir(config.init_from)
-    meta = checkpoint.load_meta(ckpt)
-    if "model" not in meta:
-        raise ValueError(f"checkpoint {ckpt} has no model config in its metadata")
-    return meta["model"], lambda abstract: checkpoint.load_params(ckpt, abstract)
+    meta = load_meta(config.init_from)
+    cfg = ModelConfig.from_dict(meta["model"])
+
+    def init_params(abstract):
+        mesh = getattr(jax.tree.leaves(abstract)[0].sharding, "mesh", None)
+        return _read_policy(config.init_from, meta, "lm",
+                            lambda h: abstract if h == "lm" else abstract_params(cfg, h, mesh))
+
+    return meta["model"], init_params
 
 
 def check_vocab(tokenizer: Tokenizer, model_cfg: ModelConfig) -> None:
@@ -140,6 +155,15 @@ def start(config, workdir: str, *, needs: str = "", train_on: Optional[str] = No
     return model_cfg, init_params, tok
 
 
+def local_batch_size(config, batch_size: Optional[int] = None, name: str = "train.batch_size") -> int:
+    """Rows of each global batch (default `config.train.batch_size`) that this process loads."""
+    batch_size = config.train.batch_size if batch_size is None else batch_size
+    n = jax.process_count()
+    if batch_size % n:
+        raise ValueError(f"{name}={batch_size} is not divisible by the {n} processes")
+    return batch_size // n
+
+
 def data_kwargs(config) -> dict:
     """Arguments every lm.data pipeline takes, from the config and this process's place in the run."""
     return dict(seq_len=config.data.seq_len, batch_size=local_batch_size(config), seed=config.seed,
@@ -167,6 +191,36 @@ def load_meta(path: str) -> dict:
     return meta
 
 
+def run_meta(config, model_cfg: ModelConfig, stage: str, **layout) -> dict:
+    """The metadata a stage saves with its checkpoints: the model, the stage, the run config and which params
+    are the policy (`head="lm"`, or `params={name: head}` with `policy=name` for runs of several models)."""
+    return {"model": model_cfg.to_dict(), "stage": stage, "config": config.to_dict(), **layout}
+
+
+def _layout(path: str, meta: dict) -> tuple[dict, str]:
+    """`({sub-model: head}, policy)` of a checkpoint; `{"": head}, ""` when the params are one model."""
+    if "params" in meta:
+        if meta.get("policy") not in meta["params"]:
+            raise ValueError(f"checkpoint of {path}: metadata 'policy' {meta.get('policy')!r} names none of "
+                             f"its models {sorted(meta['params'])}")
+        return meta["params"], meta["policy"]
+    if meta.get("stage") == "ppo":  # written before PPO checkpoints named their models
+        raise ValueError(f"{path} is a PPO run from an older layout (no 'params' in its metadata); rerun PPO")
+    return {"": meta.get("head", "lm")}, ""
+
+
+def _read_policy(path: str, meta: dict, head: Optional[str], target):
+    """The policy's params of a run, each sub-model restored as `target(head)` says; checks `head`."""
+    layout, policy = _layout(path, meta)
+    held = layout[policy]
+    if head is not None and held != head:
+        raise ValueError(f"{path} holds a model with a {held!r} head, not the {head!r} head asked for "
+                         f"({'a reward model' if held == 'scalar' else 'a policy'})")
+    abstract = target(held) if policy == "" else {k: target(h) for k, h in layout.items()}
+    params = checkpoint.load_params(checkpoint_dir(path), abstract)
+    return params if policy == "" else params[policy]
+
+
 def load(path: str, *, mesh=None, rules=None, head: Optional[str] = None, cfg: Optional[ModelConfig] = None,
          tokenizer: Optional[str] = None) -> tuple[ModelConfig, dict, Optional[Tokenizer]]:
     """`(ModelConfig, params, tokenizer)` of a run directory of any stage, or of a Hugging Face directory.
@@ -185,8 +239,9 @@ def load(path: str, *, mesh=None, rules=None, head: Optional[str] = None, cfg: O
     if is_hf_dir(path):
         from lm import hf
 
+        if head not in (None, "lm"):
+            raise ValueError(f"{path} is a Hugging Face language model, not the {head!r} head asked for")
         cfg, params = hf.load(path)
-        held = "lm"
         if mesh is not None:
             params = jax.device_put(params, jax.tree.map(lambda a: a.sharding, abstract_params(cfg, "lm", mesh, rules)))
     else:
@@ -195,20 +250,7 @@ def load(path: str, *, mesh=None, rules=None, head: Optional[str] = None, cfg: O
         if cfg is not None:
             saved.check_same_model(cfg, f"the run {path}")
         cfg = cfg or saved
-        layout = meta.get("params") or {"": meta.get("head", "lm")}  # {sub-model: head}; "" = the params
-        policy = meta.get("policy", "")
-        held = layout[policy]
-
-        def target(h):
-            return abstract_params(cfg, h, mesh, rules) if mesh is not None else abstract_params(cfg, h)
-
-        if head is None or held == head:
-            abstract = target(held) if "" in layout else {k: target(h) for k, h in layout.items()}
-            params = checkpoint.load_params(checkpoint_dir(path), abstract)
-            params = params if "" in layout else params[policy]
-    if head is not None and held != head:
-        raise ValueError(f"{path} holds a model with a {held!r} head, not the {head!r} head asked for "
-                         f"({'a reward model' if held == 'scalar' else 'a policy'})")
+        params = _read_policy(path, meta, head, lambda h: abstract_params(cfg, h, mesh, rules))
     if tokenizer is None:
         candidate = os.path.join(path if is_hf_dir(path) else run_dir(checkpoint_dir(path)), TOKENIZER)
         tokenizer = candidate if os.path.isfile(candidate) else None

@@ -19,8 +19,7 @@ from lm.model import Transformer, boxed_params
 def _fit_lm(config, workdir: str, stage: str, model_cfg, init_params, train_data, eval_data) -> str:
     fit(config, workdir, loss_fn=losses.lm_loss_fn(Transformer(model_cfg)),
         build_params=functools.partial(boxed_params, model_cfg), train_data=train_data, eval_data=eval_data,
-        init_params=init_params, meta={"model": model_cfg.to_dict(), "stage": stage, "head": "lm",
-                                       "config": config.to_dict()})
+        init_params=init_params, meta=runs.run_meta(config, model_cfg, stage, head="lm"))
     return workdir
 
 

@@ -10,7 +10,7 @@ shuffled mini-batch updates as nested `lax.scan`s).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import flax.struct
@@ -82,15 +82,6 @@ class PPOConfig:
                 raise ValueError(f"PPOConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ValueError(f"PPOConfig.temperature must be > 0 (PPO samples), got {self.temperature}")
-
-    @classmethod
-    def from_mapping(cls, d: Mapping[str, Any]) -> "PPOConfig":
-        """From a config section; unknown keys are an error that names them."""
-        d = dict(d)
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"ppo config has unknown field(s) {sorted(unknown)}")
-        return cls(**d)
 
 
 @flax.struct.dataclass

@@ -13,11 +13,10 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lm import runs
 from lm.config import ModelConfig
-from lm.model import Transformer, init_params
+from lm.model import Transformer, abstract_params
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -29,9 +28,11 @@ class RewardConfig:
       normalize: after training, score every training response once and save their mean and std
         (`reward_norm.json`), so that `load` gives scores with mean 0 and std 1 on the SFT policy's
         responses, as InstructGPT normalises its reward model before RL.
+      normalize_batches: at most this many batches of that pass (a cap for large data); 0 = all of it.
     """
     head_init: str = "normal"
     normalize: bool = True
+    normalize_batches: int = 0
 
     def __post_init__(self):
         if self.head_init not in ("normal", "zeros"):
@@ -113,7 +114,7 @@ def init_from_sft(cfg: ModelConfig, sft_params, rng, head_init: str = "normal"):
     """
     if head_init not in ("normal", "zeros"):
         raise ValueError(f"rl.reward.init_from_sft: head_init must be 'normal' or 'zeros', got {head_init!r}")
-    fresh = jax.eval_shape(lambda r: init_params(cfg, r, head="scalar"), rng)
+    fresh = abstract_params(cfg, "scalar")
     trunk = {k: v for k, v in sft_params.items() if k != "lm_head"}
     missing = sorted(set(fresh) - set(trunk) - {"score"})
     if missing:
@@ -137,14 +138,6 @@ def normalize_head(params, mean, std, eps: float = 1e-6):
     new = {"kernel": (score["kernel"] * gain).astype(score["kernel"].dtype),
            "bias": ((score["bias"] - mean) * gain).astype(score["bias"].dtype)}
     return {**params, "score": new}
-
-
-def score_stats(scores, ranks=None):
-    """Mean and standard deviation of scores `[B, K]` (of present responses when `ranks` is given)."""
-    scores = np.asarray(scores, np.float64)
-    if ranks is not None:
-        scores = scores[np.asarray(ranks) >= 0]
-    return float(scores.mean()), float(scores.std())
 
 
 NORM_FILE = "reward_norm.json"

@@ -9,10 +9,12 @@ stage function here that hands both to `lm.loop.run` as a `Program`; see docs/ar
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
+import flax.linen as nn
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -20,31 +22,35 @@ from lm import data, distributed, loop, optim, runs, sharding
 from lm.data import builders
 from lm.model import abstract_params, boxed_params
 from rl import dpo as dpo_lib
-from rl import evaluate
 from rl import ppo_step as ps
 from rl import reward as reward_lib
 
 
-def _meta(config, model_cfg, stage: str, **extra) -> dict:
-    return {"model": model_cfg.to_dict(), "stage": stage, "config": config.to_dict(), **extra}
+def score_statistics(cfg, params, batches: Iterable, num_batches: int, mesh, rules) -> tuple[float, float, int]:
+    """`(mean, std, count)` of a reward model's scores of the present responses in `num_batches` preference
+    batches (this process's rows; when its iterator ends first, rows with no response stand in, so every
+    process runs the same number of sharded steps), summed over all processes."""
+    @jax.jit
+    def sums(p, b):
+        with nn.logical_axis_rules(rules):
+            scores = reward_lib.score_responses(cfg, p, b["tokens"], b["last_index"], b["prompt_len"])
+        w = (b["ranks"] >= 0).astype(jnp.float32)
+        return jnp.stack([w.sum(), (scores * w).sum(), (scores * scores * w).sum()])
 
-
-def score_statistics(cfg, params, tok, path: str, *, seq_len: int, batch_size: int, cache_dir: Optional[str] = None,
-                     eval_fraction: float = 0.0, mesh=None, rules=None) -> tuple[float, float, int]:
-    """`(mean, std, count)` of a reward model's scores of every response of a preference file's training
-    split, each scored once (rl.evaluate.scores, `batch_size` responses per call, params sharded on `mesh`)."""
-    prompts, responses = [], []
-    for row in builders.data_source("preference", path, "train", cache_dir=cache_dir, eval_fraction=eval_fraction):
-        for r in row["responses"]:
-            prompts.append(_text(row["prompt"]))
-            responses.append(_text(r))
-    s = evaluate.scores(cfg, params, tok, prompts, responses, width=seq_len, batch_size=batch_size, mesh=mesh,
-                        rules=rules).astype(np.float64)
-    return float(np.mean(s)), float(np.std(s)), len(s)
-
-
-def _text(x) -> str:
-    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+    keys = ("tokens", "last_index", "prompt_len", "ranks")
+    total, empty, it = np.zeros(3), None, iter(batches)
+    with jax.set_mesh(mesh):
+        for _ in range(num_batches):
+            batch = next(it, None)
+            if batch is None:
+                batch = empty
+            else:
+                batch = {k: batch[k] for k in keys}
+                empty = dict(batch, ranks=np.full_like(batch["ranks"], -1))
+            total += np.asarray(jax.device_get(sums(params, sharding.global_batch(batch, mesh, rules))), np.float64)
+    n, s, ss = total
+    mean = s / max(n, 1.0)
+    return float(mean), float(max(ss / max(n, 1.0) - mean * mean, 0.0) ** 0.5), int(n)
 
 
 def reward(config, workdir: str) -> str:
@@ -54,7 +60,7 @@ def reward(config, workdir: str) -> str:
     `reward.normalize`, every training response is scored at the end and the statistics saved
     (`reward_norm.json`), so `rl.reward.load` gives scores with mean 0 and std 1 on the SFT policy's responses.
     """
-    hp = reward_lib.RewardConfig(**config.reward.to_dict())
+    hp = runs.recipe(reward_lib.RewardConfig, config.reward, "reward")
     model_cfg, sft_params, tok = runs.start(config, workdir, needs="(SFT) the reward model starts from")
     mesh, rules = loop.mesh_and_rules(config)
 
@@ -69,11 +75,17 @@ def reward(config, workdir: str) -> str:
     state = loop.fit(config, workdir, loss_fn=reward_lib.reward_loss_fn(model_cfg),
                      build_params=lambda rng: boxed_params(model_cfg, rng, head="scalar"),
                      train_data=data.preference_dataset(d.path, tok, split="train", **kw), eval_data=eval_data,
-                     init_params=init_params, meta=_meta(config, model_cfg, "reward", head="scalar"))
+                     init_params=init_params, meta=runs.run_meta(config, model_cfg, "reward", head="scalar"))
     if hp.normalize:
-        mean, std, n = score_statistics(model_cfg, state.params, tok, d.path, seq_len=d.seq_len,
-                                        batch_size=config.train.batch_size * d.k, cache_dir=d.cache_dir or None,
-                                        eval_fraction=d.eval_fraction, mesh=mesh, rules=rules)
+        # One pass over the training split, as the trainer tokenises it (each response once).
+        rows = len(builders.data_source("preference", d.path, "train", cache_dir=d.cache_dir or None,
+                                        eval_fraction=d.eval_fraction))
+        per_process = -(-rows // jax.process_count())
+        num_batches = -(-per_process // runs.local_batch_size(config))
+        if hp.normalize_batches:
+            num_batches = min(num_batches, hp.normalize_batches)
+        batches = data.preference_dataset(d.path, tok, split="train", **dict(kw, num_epochs=1))
+        mean, std, n = score_statistics(model_cfg, state.params, batches, num_batches, mesh, rules)
         if distributed.is_primary():
             path = reward_lib.save_normalization(workdir, mean, std, n)
             logging.info("reward scores of %d training responses: mean %.4f, std %.4f (saved to %s)", n, mean, std,
@@ -83,7 +95,7 @@ def reward(config, workdir: str) -> str:
 
 def dpo(config, workdir: str) -> str:
     """Train a policy with DPO from the SFT run on ranked responses, against the frozen SFT model."""
-    hp = dpo_lib.DPOConfig(**config.dpo.to_dict())
+    hp = runs.recipe(dpo_lib.DPOConfig, config.dpo, "dpo")
     model_cfg, sft_params, tok = runs.start(config, workdir, needs="(SFT): policy start and reference")
     mesh, rules = loop.mesh_and_rules(config)
     ref = sft_params(abstract_params(model_cfg, "lm", mesh, rules))
@@ -97,7 +109,7 @@ def dpo(config, workdir: str) -> str:
     loop.fit(config, workdir, loss_fn=dpo_lib.dpo_loss_fn(model_cfg, hp.beta, hp.label_smoothing),
              build_params=lambda rng: boxed_params(model_cfg, rng), train_data=dataset("train"),
              eval_data=dataset("eval") if config.train.eval_every else None, init_params=sft_params,
-             meta=_meta(config, model_cfg, "dpo", head="lm"))
+             meta=runs.run_meta(config, model_cfg, "dpo", head="lm"))
     return workdir
 
 
@@ -114,7 +126,7 @@ def ppo(config, workdir: str, on_iteration: Optional[Callable] = None) -> str:
         raise ValueError("config.init_from (the SFT run) and config.reward_from (the reward run) are both required")
     if config.critic_init not in ("reward", "zeros"):
         raise ValueError(f"critic_init={config.critic_init!r} must be 'reward' or 'zeros'")
-    hp = ps.PPOConfig.from_mapping(config.ppo)
+    hp = runs.recipe(ps.PPOConfig, config.ppo, "ppo")
     model_cfg, sft_params, tok = runs.start(config, workdir, needs="(SFT): actor and reference")
     mesh, rules = loop.mesh_and_rules(config)
     tc = config.train
@@ -126,13 +138,13 @@ def ppo(config, workdir: str, on_iteration: Optional[Callable] = None) -> str:
 
     n = jax.process_count()
     prompts = data.read_prompts(config.data.path, tok, config.data.prompt_len)
-    batches = data.prompt_dataset(prompts, width=config.data.prompt_len, batch_size=loop.local_batch_size(config),
+    batches = data.prompt_dataset(prompts, width=config.data.prompt_len, batch_size=runs.local_batch_size(config),
                                   seed=config.seed, pad_id=tok.pad_id, process_index=jax.process_index(),
                                   process_count=n)
     if hp.ptx_coef > 0:
         p = config.ptx
         ptx = data.pretrain_dataset(p.path, tok, seq_len=p.seq_len, seed=config.seed, objective=p.objective,
-                                    batch_size=loop.local_batch_size(config, p.batch_size, "ptx.batch_size"),
+                                    batch_size=runs.local_batch_size(config, p.batch_size, "ptx.batch_size"),
                                     cache_dir=p.cache_dir or None, process_index=jax.process_index(),
                                     process_count=n)
         batches = grain.experimental.ZipIterDataset([batches, ptx])
@@ -162,5 +174,5 @@ def ppo(config, workdir: str, on_iteration: Optional[Callable] = None) -> str:
         max_bad_steps=hp.max_bad_iterations, bad_steps_flag="ppo.max_bad_iterations",
         hint="Lower the learning rate, clip scores (ppo.score_clip) or check the reward model.",
         progress=("score", "kl"),
-        meta=_meta(config, model_cfg, "ppo", params={"actor": "lm", "critic": "scalar"}, policy="actor")))
+        meta=runs.run_meta(config, model_cfg, "ppo", params={"actor": "lm", "critic": "scalar"}, policy="actor")))
     return workdir

@@ -85,6 +85,15 @@ def test_unknown_config_keys_are_named():
     assert "Traceback" not in proc.stderr
 
 
+def test_a_launcher_reports_a_bad_init_from_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "experiments.dpo", "--config=configs/dpo.py:tiny",
+                           f"--workdir={tmp_path / 'run'}", f"--config.init_from={tmp_path / 'no_run'}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"error: no checkpoint directory at {tmp_path / 'no_run'}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_bad_paths_and_vocab_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.path /no/such/dir does not exist"):
         runs.text_files("/no/such/dir")

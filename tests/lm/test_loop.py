@@ -106,12 +106,28 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
     records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
 
-    # Nothing intact: the error names the directory instead of an orbax traceback.
-    for step in os.listdir(ckpts):
-        if step.isdigit():
-            _truncate_every_file(os.path.join(ckpts, step))
-    with pytest.raises(RuntimeError, match=r"every checkpoint in .*checkpoints is damaged"):
+    # Nothing reads back: an error naming the directory and the newest step's problem, and nothing is set
+    # aside (the same failure on every step is more likely this run's problem than damage).
+    steps = sorted(d for d in os.listdir(ckpts) if d.isdigit())
+    for step in steps:
+        _truncate_every_file(os.path.join(ckpts, step))
+    with pytest.raises(checkpoint.CheckpointError, match=rf"no checkpoint in {ckpts} reads back .* the newest, 10,"):
         checkpoint.load_meta(ckpts)
+    with pytest.raises(checkpoint.CheckpointError):
+        loop.run(_config(), workdir, _program())
+    assert sorted(d for d in os.listdir(ckpts) if d.isdigit()) == steps
+
+
+def test_a_reader_skips_a_damaged_checkpoint_without_moving_it(tmp_path, caplog):
+    workdir = str(tmp_path / "run")
+    with pytest.raises(loop.Preempted):
+        loop.run(_config(), workdir, _program(sigterm_at=5))
+    ckpts = os.path.join(workdir, "checkpoints")
+    _truncate_every_file(os.path.join(ckpts, "5"))
+    with caplog.at_level(logging.WARNING):
+        params = checkpoint.load_params(ckpts, {"w": jax.ShapeDtypeStruct((3,), jnp.float32)})
+    assert params["w"].shape == (3,) and any(f"{ckpts}/5 is damaged" in r.getMessage() for r in caplog.records)
+    assert os.path.isdir(os.path.join(ckpts, "5")) and not os.path.exists(os.path.join(ckpts, "5.damaged"))
 
 
 def test_resume_with_a_model_that_computes_another_function_is_refused(tmp_path):

@@ -9,8 +9,10 @@ import signal
 import jax
 import numpy as np
 import optax
+import pytest
 
 import lm
+from configs import sft as sft_config
 from launchers import ROOT, cache_env, finish, launch, signal_after
 from lm import checkpoint, presets
 from lm.logging_utils import read_metrics
@@ -72,3 +74,12 @@ def test_ppo_killed_and_rerun_logs_every_metric_of_an_uninterrupted_run(tmp_path
     assert cfg_a == cfg and tok_a.vocab_size == tok.vocab_size
     meta = json.loads(json.dumps(lm.runs.load_meta(straight)))
     assert meta["policy"] == "actor" and meta["params"] == {"actor": "lm", "critic": "scalar"}
+    # A stage started from it (init_from) starts from the actor; one started from a reward model is refused.
+    config = sft_config.get_config("tiny")
+    config.init_from = straight
+    _, start_from = lm.runs.init_from(config)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(start_from(lm.abstract_params(cfg))),
+                 jax.device_get(actor_a))
+    config.init_from = rm_dir
+    with pytest.raises(ValueError, match="holds a model with a 'scalar' head.*a reward model"):
+        lm.runs.init_from(config)[1](lm.abstract_params(cfg))

@@ -13,6 +13,7 @@ from configs import reward as reward_config
 from lm import optim, sharding
 from lm.loop import mesh_and_rules
 from lm.model import boxed_params
+from lm import runs
 from lm.runs import model_config
 from lm.train_step import state_shardings
 from rl import dpo, ppo_step as pt, reward
@@ -31,7 +32,7 @@ def test_ppo_llama_7b_steps_lower_on_8_devices():
     config = ppo_config.get_config("llama-7b")
     cfg, mesh, rules, tx = _setup(config)
     assert cfg.d_model == 4096 and cfg.n_layers == 32 and cfg.dtype == "bfloat16"
-    hp = pt.PPOConfig.from_mapping(config.ppo)
+    hp = runs.recipe(pt.PPOConfig, config.ppo, "ppo")
     abstract, sh, frozen_sh = pt.state_shardings(cfg, tx, mesh, rules)
     # Parameters really are split over the 8 devices (FSDP on `embed`).
     wi = sh.params["actor"]["layers"]["mlp"]["wi"]["kernel"]

@@ -1,5 +1,5 @@
-"""Reward model and DPO trained a few steps on a separable toy preference set; init, normalisation and the
-reference log-probs map."""
+"""Reward model and DPO trained a few steps on a separable toy preference set; init, normalisation (the reward
+stage's score statistics) and the reference log-probs map."""
 import grain
 import jax
 import numpy as np
@@ -7,7 +7,7 @@ import optax
 
 from lm import presets, sharding
 from lm.model import Transformer, init_params
-from rl import dpo, reward
+from rl import dpo, reward, stages
 
 CFG = presets.get("llama-tiny", vocab_size=32, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64, max_len=16)
 GOOD, B, K, T = 7, 16, 4, 12
@@ -78,9 +78,16 @@ def test_init_from_sft_and_normalisation():
     # The score is the head's value at each response's last token: check one against a plain forward.
     full = jax.jit(Transformer(CFG, head="scalar").apply)({"params": rm}, batch["tokens"][3])
     np.testing.assert_allclose(scores[3], full[np.arange(K), batch["last_index"][3]], atol=1e-6)
-    mean, std = reward.score_stats(scores)
+    # The reward stage's statistics over sharded batches: present responses only, every process stepping the
+    # same number of times (rows with no response once a process's batches run out).
+    batches = [_toy_batch(np.random.default_rng(i)) for i in (1, 2)]
+    mesh = sharding.make_mesh((1, -1, 1))
+    mean, std, n = stages.score_statistics(CFG, rm, batches, 3, mesh, sharding.RULES)
+    present = np.concatenate([np.asarray(score(rm, b["tokens"], b["last_index"]))[b["ranks"] >= 0] for b in batches])
+    assert n == present.size == 2 * B * K - 4
+    np.testing.assert_allclose([mean, std], [present.mean(), present.std()], rtol=1e-5)
     normed = score(reward.normalize_head(rm, mean, std), batch["tokens"], batch["last_index"])
-    assert abs(float(normed.mean())) < 1e-4 and abs(float(normed.std()) - 1.0) < 1e-3
+    assert abs(float(normed.mean())) < 0.2 and abs(float(normed.std()) - 1.0) < 0.2
 
 
 def test_dpo_steps_against_frozen_reference():
