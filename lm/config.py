@@ -169,7 +169,7 @@ class ModelConfig:
                  if f.name not in RUNTIME_FIELDS and getattr(self, f.name) != getattr(other, f.name)]
         if diffs:
             raise ValueError(f"{where} holds another model than this run's config describes:\n  " + "\n  ".join(diffs)
-                             + "\ndrop those model.overrides (or set them to the saved values)")
+                             + "\nset those fields to the saved values (in a run's config: drop those model.overrides)")
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":

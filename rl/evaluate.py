@@ -5,7 +5,8 @@ Built on the functions the trainers use: scores are `rl.reward.score_responses` 
 at each response's eos), log-probs `rl.dpo.sequence_logprobs`, samples `lm.generate`, and rows follow the
 chat template SFT trained on (`lm.data.format_prompt` + `format_response`). A grader is any
 `grade(prompt, response) -> {"score": float, ...}`: a labeler program, a stronger model or human labels.
-Every jitted call has a fixed batch size (the last batch is padded), so each compiles once.
+Every jitted call has a fixed batch size (the last batch is padded), so it compiles once per scoring width
+and, for sampling, per power-of-two prompt width.
 """
 from __future__ import annotations
 
