@@ -120,7 +120,9 @@ def ppo(config, workdir: str, on_iteration: Optional[Callable] = None) -> str:
     default the critic (`critic_init`) from `reward_from`; prompts from `data.path`; with `ppo.ptx_coef > 0`
     pretraining batches from `ptx.path` (PPO-ptx). `train.steps` counts iterations (one rollout batch of
     `train.batch_size` prompts each). on_iteration: optional `f(iteration, metrics: dict of floats,
-    out: lm.generation.SampleOutput, prompt_batch)` after each iteration, e.g. to grade the rollouts.
+    out: lm.generation.SampleOutput, prompt_batch)` after each iteration, e.g. to grade the rollouts; it runs
+    on every process, and `out` and `prompt_batch` are global arrays (read them whole only where a process
+    holds them all, as in a single-process run).
     """
     if not config.init_from or not config.reward_from:
         raise ValueError("config.init_from (the SFT run) and config.reward_from (the reward run) are both required")
