@@ -77,6 +77,23 @@ class CheckpointMismatch(ValueError):
     """The checkpoint is intact but belongs to another model: an error of the run's config, not damage."""
 
 
+def _read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def _check_fits(mngr: ocp.CheckpointManager, step: int, abstract_params, where: str,
+                check: Optional[Callable[[], None]] = None) -> None:
+    """Raise CheckpointMismatch when the readable checkpoint `step` is not this model's (`check`, then the
+    params' shapes); unreadable metadata raises as it is, which counts as damage."""
+    saved = mngr.item_metadata(step)["params"].tree
+    try:
+        if check is not None:
+            check()
+        check_shapes(saved, abstract_params, where)
+    except ValueError as e:
+        raise CheckpointMismatch(str(e)) from None
+
+
 def _all_ok(ok: bool) -> bool:
     """Whether `ok` holds on every process (each one reads its own files, so damage can be local)."""
     if jax.process_count() == 1:
@@ -171,14 +188,9 @@ class Checkpointer:
         """
         def read(s):
             where = f"{self.directory}/{s}"
-            meta = self._mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            saved = self._mngr.item_metadata(s)["params"].tree  # unreadable: damage
-            try:  # readable but not this run's model: a config error
-                if check_meta is not None:
-                    check_meta(meta, where)
-                check_shapes(saved, abstract_state.params, where)
-            except ValueError as e:
-                raise CheckpointMismatch(str(e)) from None
+            meta = _read_meta(self._mngr, s)
+            _check_fits(self._mngr, s, abstract_state.params, where,
+                        None if check_meta is None else lambda: check_meta(meta, where))
             items = {"params": ocp.args.StandardRestore(abstract_state.params),
                      "train": ocp.args.StandardRestore(_train_item(abstract_state))}
             if data_iter is not None:
@@ -228,11 +240,7 @@ def load_params(directory: str, abstract_params, step: Optional[int] = None):
     sharding are loaded onto the first local device. Without `step`, the newest intact checkpoint.
     """
     def read(mngr, s):
-        saved = mngr.item_metadata(s)["params"].tree
-        try:
-            check_shapes(saved, abstract_params, f"{directory}/{s}")
-        except ValueError as e:
-            raise CheckpointMismatch(str(e)) from None
+        _check_fits(mngr, s, abstract_params, f"{directory}/{s}")
         target = ocp.args.StandardRestore(_with_sharding(abstract_params))
         return mngr.restore(s, args=ocp.args.Composite(params=target))["params"]
 
@@ -241,5 +249,4 @@ def load_params(directory: str, abstract_params, step: Optional[int] = None):
 
 def load_meta(directory: str, step: Optional[int] = None) -> dict:
     """The JSON metadata (model config, run config) of a checkpoint directory's `step` (default: newest)."""
-    return _read(directory, lambda mngr, s: mngr.restore(s, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))["meta"], step)
+    return _read(directory, _read_meta, step)

@@ -91,13 +91,19 @@ def _truncate_every_file(directory):
                 f.truncate(max(0, os.path.getsize(f.name) // 2))
 
 
-def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
-    want = _final(str(tmp_path / "straight"))
+def _preempted_at_5_then_damaged(tmp_path):
+    """`(workdir, checkpoints dir)` of a run preempted at step 5 (saved at 3 and 5) whose step 5 is truncated."""
     workdir = str(tmp_path / "run")
     with pytest.raises(loop.Preempted):
         loop.run(_config(), workdir, _program(sigterm_at=5))
     ckpts = os.path.join(workdir, "checkpoints")
     _truncate_every_file(os.path.join(ckpts, "5"))
+    return workdir, ckpts
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    want = _final(str(tmp_path / "straight"))
+    workdir, ckpts = _preempted_at_5_then_damaged(tmp_path)
     with caplog.at_level(logging.WARNING):
         got = _final(workdir)
     assert any(f"{ckpts}/5 is damaged" in r.getMessage() for r in caplog.records), caplog.text
@@ -119,11 +125,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
 
 
 def test_a_reader_skips_a_damaged_checkpoint_without_moving_it(tmp_path, caplog):
-    workdir = str(tmp_path / "run")
-    with pytest.raises(loop.Preempted):
-        loop.run(_config(), workdir, _program(sigterm_at=5))
-    ckpts = os.path.join(workdir, "checkpoints")
-    _truncate_every_file(os.path.join(ckpts, "5"))
+    _, ckpts = _preempted_at_5_then_damaged(tmp_path)
     with caplog.at_level(logging.WARNING):
         params = checkpoint.load_params(ckpts, {"w": jax.ShapeDtypeStruct((3,), jnp.float32)})
     assert params["w"].shape == (3,) and any(f"{ckpts}/5 is damaged" in r.getMessage() for r in caplog.records)
