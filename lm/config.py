@@ -10,6 +10,9 @@ import jax.numpy as jnp
 
 # Fields that change how a model runs or trains, not the function it computes: a run may resume or start from
 # a checkpoint with other values of these (bf16 compute, remat, kernels, a longer cache for RoPE models).
+# Window of a global layer in a model that also has local ones: wider than any sequence.
+GLOBAL_WINDOW = 2 ** 30
+
 RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat", "scan_unroll", "init_std", "embed_grad_scale",
                   "max_len")
 
@@ -29,18 +32,44 @@ class ModelConfig:
       max_len: longest sequence: size of learned position tables and the default KV-cache length.
       norm: "rmsnorm" (LLaMA, Baichuan) or "layernorm" (BLOOM, GLM, GPT).
       norm_eps: epsilon inside the norms.
-      residual: "prenorm" (`x + f(LN(x))`) or "deepnorm" (GLM: `LN(x) * alpha + f(LN(x))`, i.e. post-LN
-        `LN(alpha * x + f(x))` with the LN applied at the start of the next sub-layer).
+      norm_scale_offset: the norms multiply by `offset + w` with `w` initialised to `1 - offset` (Gemma: 1.0,
+        i.e. `(1 + w)` with `w` stored around zero).
+      residual: "prenorm" (`x + f(LN(x))`), "deepnorm" (GLM: `LN(x) * alpha + f(LN(x))`, i.e. post-LN
+        `LN(alpha * x + f(x))` with the LN applied at the start of the next sub-layer) or "parallel" (GPT-NeoX:
+        `x + attn(LN1(x)) + mlp(LN2(x))`).
+      post_norms: also normalise each sub-layer's output before it joins the residual (Gemma2 "sandwich").
       deepnorm_alpha: residual scale of DeepNorm. None means GLM's `sqrt(2 * n_layers)`.
-      mlp: "swiglu" (LLaMA), "geglu" (GLM-130B) or "gelu" (BLOOM, GPT, ChatGLM-6B; non-gated).
+      mlp: "swiglu" (LLaMA), "geglu" (GLM-130B, Gemma) or non-gated "gelu" (BLOOM, GPT, ChatGLM-6B, GPT-NeoX)
+        or "relu" (OPT).
       gelu_approximate: use the tanh approximation of GELU (BLOOM, GPT-2, ChatGLM-6B) instead of the exact erf.
       position: "rope" (LLaMA, GLM-4), "rope2d" (ChatGLM-6B: half the rotary dims follow the position, half
         the position inside a generated span), "alibi" (BLOOM, Baichuan-13B) or "learned" (GPT).
       rope_theta: RoPE base frequency.
+      rope_scaling: "none", "linear" (frequencies / factor), "llama3" (Llama-3.1: low frequencies / factor,
+        high ones kept, a smooth ramp between) or "yarn" (NTK-by-parts ramp plus a cos/sin attention factor).
+      rope_factor: the context-extension factor of the scaling.
+      rope_original_max_len: context length the model was pretrained with (llama3, yarn).
+      rope_low_freq_factor, rope_high_freq_factor: llama3's wavelength bounds (original length / factor).
+      rope_beta_fast, rope_beta_slow: yarn's ramp bounds, in rotations over the original length.
+      rope_attention_factor: yarn's cos/sin scale; None means `0.1 * ln(factor) + 1`.
+      rope_truncate: yarn rounds the ramp bounds to whole dims (floor/ceil).
       rope_fraction: fraction of each head's dims that are rotated (GLM-4: 0.5).
       rope_interleaved: rotate adjacent pairs (GPT-J/GLM-4 style) instead of the two halves (LLaMA/HF style).
       mask: "causal", or "prefix" (GLM: bidirectional over the first `prefix_len[b]` tokens, causal after).
+      sliding_window: a local layer's query i sees keys j with `i - W < j <= i` (Mistral, Gemma2); None: none.
+      window_pattern: which layers are local, as "L" (local) / "G" (global) letters repeated over the layers:
+        "L" every layer (Mistral), "LG" alternating from a local first layer (Gemma2), "GGLL" (Qwen2's
+        `max_window_layers=2` of 4 layers).
+      attn_softcap: attention logits become `cap * tanh(logits / cap)` before the mask (Gemma2); None: off.
+      final_softcap: the same on the output logits.
+      query_pre_attn_scalar: attention logits are scaled by `query_pre_attn_scalar ** -0.5` (Gemma) instead of
+        `head_dim ** -0.5`; None: head_dim.
+      qk_norm: a norm (`norm`, over head_dim, one scale per dim shared by all heads) on every query and key
+        head before RoPE (Qwen3).
       embed_norm: LayerNorm right after the token embedding (BLOOM).
+      embed_scale: multiply the token embeddings by `sqrt(d_model)` (Gemma).
+      pos_offset: learned positions read row `position + pos_offset` of a `[max_len + pos_offset, d_model]`
+        table (OPT: 2).
       embed_grad_scale: GLM-130B's embedding-gradient shrink: the forward is unchanged and the gradient into
         the embedding is multiplied by this factor (1.0 disables it; GLM-130B uses 0.1).
       qkv_bias: biases on the query/key/value projections.
@@ -67,16 +96,35 @@ class ModelConfig:
     max_len: int = 2048
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     norm_eps: float = 1e-6
-    residual: Literal["prenorm", "deepnorm"] = "prenorm"
+    norm_scale_offset: float = 0.0
+    residual: Literal["prenorm", "deepnorm", "parallel"] = "prenorm"
     deepnorm_alpha: Optional[float] = None
-    mlp: Literal["swiglu", "geglu", "gelu"] = "swiglu"
+    post_norms: bool = False
+    mlp: Literal["swiglu", "geglu", "gelu", "relu"] = "swiglu"
     gelu_approximate: bool = True
     position: Literal["rope", "rope2d", "alibi", "learned"] = "rope"
     rope_theta: float = 10000.0
     rope_fraction: float = 1.0
     rope_interleaved: bool = False
+    rope_scaling: Literal["none", "linear", "llama3", "yarn"] = "none"
+    rope_factor: float = 1.0
+    rope_original_max_len: Optional[int] = None
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_attention_factor: Optional[float] = None
+    rope_truncate: bool = True
     mask: Literal["causal", "prefix"] = "causal"
+    sliding_window: Optional[int] = None
+    window_pattern: str = "L"
+    attn_softcap: Optional[float] = None
+    final_softcap: Optional[float] = None
+    query_pre_attn_scalar: Optional[float] = None
+    qk_norm: bool = False
     embed_norm: bool = False
+    embed_scale: bool = False
+    pos_offset: int = 0
     embed_grad_scale: float = 1.0
     qkv_bias: bool = False
     out_bias: bool = False
@@ -96,8 +144,9 @@ class ModelConfig:
 
         choices = {
             "norm": ("rmsnorm", "layernorm"),
-            "residual": ("prenorm", "deepnorm"),
-            "mlp": ("swiglu", "geglu", "gelu"),
+            "residual": ("prenorm", "deepnorm", "parallel"),
+            "mlp": ("swiglu", "geglu", "gelu", "relu"),
+            "rope_scaling": ("none", "linear", "llama3", "yarn"),
             "position": ("rope", "rope2d", "alibi", "learned"),
             "mask": ("causal", "prefix"),
             "attention_impl": ("xla", "pallas"),
@@ -119,6 +168,25 @@ class ModelConfig:
         if self.position in ("rope", "rope2d"):
             check(self.rotary_dim % (4 if self.position == "rope2d" else 2) == 0,
                   f"rotary dims {self.rotary_dim} must split into pairs (and halves for rope2d)")
+        if self.rope_scaling != "none":
+            check(self.position == "rope", f"rope_scaling={self.rope_scaling!r} needs position='rope'")
+            check(self.rope_factor >= 1.0, f"rope_factor={self.rope_factor} must be >= 1")
+            check(self.rope_scaling == "linear" or (self.rope_original_max_len or 0) > 0,
+                  f"rope_scaling={self.rope_scaling!r} needs rope_original_max_len")
+        if self.rope_scaling == "llama3":
+            check(self.rope_high_freq_factor > self.rope_low_freq_factor > 0,
+                  "rope_high_freq_factor must exceed rope_low_freq_factor > 0")
+        if self.sliding_window is not None:
+            check(self.sliding_window > 0, f"sliding_window must be positive, got {self.sliding_window}")
+            check(self.mask == "causal", "sliding_window needs mask='causal' (no windowed prefix-LM)")
+        check(bool(self.window_pattern) and set(self.window_pattern) <= {"L", "G"},
+              f"window_pattern={self.window_pattern!r} must be a non-empty string of 'L' (local) / 'G' (global)")
+        for field in ("attn_softcap", "final_softcap", "query_pre_attn_scalar"):
+            value = getattr(self, field)
+            check(value is None or value > 0, f"{field} must be positive or None, got {value}")
+        check(self.pos_offset >= 0, f"pos_offset must be >= 0, got {self.pos_offset}")
+        check(self.pos_offset == 0 or self.position == "learned", "pos_offset needs position='learned'")
+        check(self.residual != "parallel" or not self.post_norms, "residual='parallel' has no post_norms")
 
     @property
     def kv_heads(self) -> int:
@@ -134,6 +202,30 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         """Number of dims of each head that RoPE rotates."""
         return int(self.dim_per_head * self.rope_fraction)
+
+    def layer_windows(self) -> Optional[tuple[int, ...]]:
+        """Each layer's window (`sliding_window` for local layers, `GLOBAL_WINDOW` for global ones), or None
+        when no layer has one."""
+        if self.sliding_window is None:
+            return None
+        pattern = self.window_pattern
+        return tuple(self.sliding_window if pattern[i % len(pattern)] == "L" else GLOBAL_WINDOW
+                     for i in range(self.n_layers))
+
+    @property
+    def rope_scaling_spec(self):
+        """The `lm.kernels.reference.RopeScaling` of this config, or None without scaling."""
+        if self.rope_scaling == "none":
+            return None
+        from lm.kernels.reference import RopeScaling
+        return RopeScaling(self.rope_scaling, self.rope_factor, self.rope_original_max_len, self.rope_low_freq_factor,
+                           self.rope_high_freq_factor, self.rope_beta_fast, self.rope_beta_slow,
+                           self.rope_attention_factor, self.rope_truncate)
+
+    @property
+    def attn_scale(self) -> Optional[float]:
+        """Scale of the attention logits; None means `head_dim ** -0.5`."""
+        return None if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar ** -0.5
 
     @property
     def alpha(self) -> float:

@@ -123,11 +123,13 @@ def load(path, *, dtype=None) -> tuple[ModelConfig, dict]:
       host memory (place them with `jax.device_put(params, shardings)`).
     """
     path = pathlib.Path(path)
-    hf = _read_json(path / "config.json")
+    hf = hf_arch.HFConfig(_read_json(path / "config.json"))
     archs = hf.get("architectures") or [None]
     arch = hf_arch.get(archs[0])
     target = _dtype_name(dtype or hf.get("dtype") or hf.get("torch_dtype") or "float32")
-    cfg = ModelConfig(**arch.from_hf(hf), dtype=target, param_dtype=target)
+    fields = arch.from_hf(hf)
+    hf_arch.check_consumed(hf, arch.name)
+    cfg = ModelConfig(**fields, dtype=target, param_dtype=target)
     shapes = _expected_shapes(cfg)
     maps = arch.tensors(cfg)
     _check_cover(arch, maps, shapes)
@@ -164,6 +166,12 @@ def _canonical(cfg: ModelConfig) -> dict:
     if cfg.position not in ("rope", "rope2d"):
         for k in ("rope_theta", "rope_fraction", "rope_interleaved"):
             d.pop(k)
+    if cfg.rope_scaling == "none" or cfg.position not in ("rope", "rope2d"):
+        for k in [k for k in d if k.startswith("rope_") and k not in ("rope_theta", "rope_fraction",
+                                                                       "rope_interleaved")]:
+            d.pop(k)
+    if cfg.sliding_window is None:
+        d.pop("window_pattern")
     return d
 
 

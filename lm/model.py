@@ -63,14 +63,37 @@ def _dense(cfg, features, names, bias, name, axis=-1):
     return Dense(cfg, features, tuple(names), bias, n_in, name=name)
 
 
-def make_norm(cfg: ModelConfig, name: str):
-    """RMSNorm or LayerNorm computed in float32, with `embed`-named scale (and bias)."""
-    ones = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
+class OffsetNorm(nn.Module):
+    """RMSNorm / LayerNorm in float32 whose learned scale `w` is applied as `offset + w` (Gemma: `1 + w`)."""
+    cfg: ModelConfig
+    names: tuple
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        offset = cfg.norm_scale_offset
+        x = x.astype(jnp.float32)
+        if cfg.norm == "layernorm":
+            x = x - jnp.mean(x, axis=-1, keepdims=True)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + cfg.norm_eps)
+        init = nn.with_logical_partitioning(nn.initializers.constant(1.0 - offset), self.names)
+        scale = self.param("scale", init, x.shape[-1:], cfg.params_dtype)
+        x = x * (offset + scale.astype(jnp.float32))
+        if cfg.norm == "layernorm":
+            x = x + self.param("bias", _zeros(self.names), x.shape[-1:], cfg.params_dtype).astype(jnp.float32)
+        return x
+
+
+def make_norm(cfg: ModelConfig, name: str, names: tuple = ("embed",)):
+    """RMSNorm or LayerNorm computed in float32 over the last axis, with a scale (and bias) named `names`."""
+    if cfg.norm_scale_offset:
+        return OffsetNorm(cfg, names, name=name)
+    ones = nn.with_logical_partitioning(nn.initializers.ones_init(), names)
     if cfg.norm == "rmsnorm":
         return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=cfg.params_dtype,
                           scale_init=ones, name=name)
     return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=cfg.params_dtype,
-                        scale_init=ones, bias_init=_zeros(("embed",)), name=name)
+                        scale_init=ones, bias_init=_zeros(names), name=name)
 
 
 def default_positions(cfg: ModelConfig, batch: int, length: int, offset=None, prefix_len=None):
@@ -91,26 +114,35 @@ def default_positions(cfg: ModelConfig, batch: int, length: int, offset=None, pr
 
 
 class Attention(nn.Module):
-    """Multi-head attention with GQA, RoPE/ALiBi, prefix-LM and packed-sequence masks, and a KV cache."""
+    """Multi-head attention with GQA, RoPE/ALiBi, prefix-LM, packed-sequence and sliding-window masks, logit
+    soft-capping, q/k norms and a KV cache. `window` is this layer's sliding window (int32 scalar) or None."""
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, ctx, layer_cache: Optional[Cache]):
+    def __call__(self, x, ctx, layer_cache: Optional[Cache], window=None):
         cfg = self.cfg
         hq, hkv, d = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
         q = _dense(cfg, (hq, d), ("embed", "heads", "head_dim"), cfg.qkv_bias, "q")(x)
         k = _dense(cfg, (hkv, d), ("embed", "kv_heads", "head_dim"), cfg.qkv_bias, "k")(x)
         v = _dense(cfg, (hkv, d), ("embed", "kv_heads", "head_dim"), cfg.qkv_bias, "v")(x)
+        if cfg.qk_norm:
+            q = make_norm(cfg, "q_norm", ("head_dim",))(q).astype(cfg.compute_dtype)
+            k = make_norm(cfg, "k_norm", ("head_dim",))(k).astype(cfg.compute_dtype)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
         if cfg.position in ("rope", "rope2d"):
             rope = dict(impl=cfg.attention_impl, theta=cfg.rope_theta, rotary_dim=cfg.rotary_dim,
                         interleaved=cfg.rope_interleaved)
+            if cfg.rope_scaling != "none":
+                rope["scaling"] = cfg.rope_scaling_spec
             q = kernels.rope(q, ctx["positions"], **rope)
             k = kernels.rope(k, ctx["positions"], **rope)
         slopes = kernels.alibi_slopes(hq) if cfg.position == "alibi" else None
         causal_kw = dict(impl=cfg.attention_impl, alibi_slopes=slopes)
+        # Only the fields a config sets are passed, so kernels see the arguments they always saw otherwise.
+        extras = dict(sm_scale=cfg.attn_scale, softcap=cfg.attn_softcap, window=window)
+        causal_kw.update({name: value for name, value in extras.items() if value is not None})
 
         new_cache = None
         if layer_cache is not None and ctx["decode_index"] is not None:
@@ -137,7 +169,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU / GeGLU (gated) or plain GELU feed-forward."""
+    """SwiGLU / GeGLU (gated) or plain GELU / ReLU feed-forward."""
     cfg: ModelConfig
 
     @nn.compact
@@ -145,6 +177,8 @@ class MLP(nn.Module):
         cfg = self.cfg
         if cfg.mlp == "swiglu":
             act = nn.silu
+        elif cfg.mlp == "relu":
+            act = nn.relu
         else:
             act = lambda h: nn.gelu(h, approximate=cfg.gelu_approximate)  # noqa: E731
         h = _dense(cfg, cfg.d_ff, ("embed", "mlp"), cfg.mlp_bias, "wi")(x)
@@ -158,17 +192,30 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Attention + MLP sub-layers with pre-norm or DeepNorm residuals; scanned over layers."""
+    """Attention + MLP sub-layers with pre-norm, DeepNorm or parallel residuals (optionally sandwiched by
+    post-norms); scanned over layers. `layer` holds this layer's slice of the scanned inputs: its KV cache
+    ("cache", prefill) and sliding window ("window"), each None or missing when absent."""
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, layer_cache, ctx):
+    def __call__(self, x, layer: Optional[dict], ctx):
         cfg = self.cfg
-        h = make_norm(cfg, "attn_norm")(x).astype(cfg.compute_dtype)
-        attn, new_cache = Attention(cfg, name="attn")(h, ctx, layer_cache)
-        x = (h * cfg.alpha if cfg.residual == "deepnorm" else x) + attn
-        h = make_norm(cfg, "mlp_norm")(x).astype(cfg.compute_dtype)
-        x = (h * cfg.alpha if cfg.residual == "deepnorm" else x) + MLP(cfg, name="mlp")(h)
+        dt = cfg.compute_dtype
+        layer = layer or {}
+
+        def post(name, y):
+            return make_norm(cfg, name)(y).astype(dt) if cfg.post_norms else y
+
+        h = make_norm(cfg, "attn_norm")(x).astype(dt)
+        attn, new_cache = Attention(cfg, name="attn")(h, ctx, layer.get("cache"), layer.get("window"))
+        attn = post("attn_post_norm", attn)
+        if cfg.residual == "parallel":  # GPT-NeoX: both sub-layers read the block's input
+            mlp = MLP(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x).astype(dt))
+            x = x + attn + mlp
+        else:
+            x = (h * cfg.alpha if cfg.residual == "deepnorm" else x) + attn
+            h = make_norm(cfg, "mlp_norm")(x).astype(dt)
+            x = (h * cfg.alpha if cfg.residual == "deepnorm" else x) + post("mlp_post_norm", MLP(cfg, name="mlp")(h))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return x, new_cache
 
@@ -186,7 +233,7 @@ class _CachedBlock(nn.Module):
 
     def __call__(self, carry, layer, ctx):
         x, cache = carry
-        x, cache = self.block(x, {**cache, "layer": layer}, ctx)
+        x, cache = self.block(x, {"cache": {**cache, "layer": layer["index"]}, "window": layer["window"]}, ctx)
         return (x, {"k": cache["k"], "v": cache["v"]}), None
 
 
@@ -223,13 +270,15 @@ class Transformer(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
                          embedding_init=_init(cfg, ("vocab", "embed")), name="embed")
         x = embed(tokens)
+        if cfg.embed_scale:
+            x = x * jnp.asarray(cfg.d_model ** 0.5, x.dtype)
         if cfg.embed_grad_scale != 1.0:
             a = cfg.embed_grad_scale
             x = x * a + jax.lax.stop_gradient(x) * (1.0 - a)
         if cfg.position == "learned":
-            pos_table = self.param("pos_embed", _init(cfg, ("length", "embed")), (cfg.max_len, cfg.d_model),
-                                   cfg.params_dtype)
-            x = x + jnp.take(pos_table, positions, axis=0).astype(cfg.compute_dtype)
+            pos_table = self.param("pos_embed", _init(cfg, ("length", "embed")),
+                                   (cfg.max_len + cfg.pos_offset, cfg.d_model), cfg.params_dtype)
+            x = x + jnp.take(pos_table, positions + cfg.pos_offset, axis=0).astype(cfg.compute_dtype)
         if cfg.embed_norm:
             x = make_norm(cfg, "embed_norm")(x)
         x = nn.with_logical_constraint(x.astype(cfg.compute_dtype), ("batch", "length", "embed"))
@@ -243,11 +292,14 @@ class Transformer(nn.Module):
                                  in_axes=(0, nn.broadcast), length=cfg.n_layers,
                                  unroll=min(cfg.scan_unroll or cfg.n_layers, cfg.n_layers),
                                  metadata_params={nn.PARTITION_NAME: "layers"})
+        windows = cfg.layer_windows()
+        windows = None if windows is None else jnp.asarray(windows, jnp.int32)  # [n_layers]
         if cache is not None and decode_index is not None:
             # Carrying the cache (not scanning over it) lets XLA update it in place at every decode step.
-            (x, new_cache), _ = scan(_CachedBlock)(cfg, name="layers")((x, cache), jnp.arange(cfg.n_layers), ctx)
+            layers = {"index": jnp.arange(cfg.n_layers), "window": windows}
+            (x, new_cache), _ = scan(_CachedBlock)(cfg, name="layers")((x, cache), layers, ctx)
         else:
-            x, new_cache = scan(block)(cfg, name="layers")(x, cache, ctx)
+            x, new_cache = scan(block)(cfg, name="layers")(x, {"cache": cache, "window": windows}, ctx)
         x = make_norm(cfg, "final_norm")(x)
 
         if self.head == "scalar":
@@ -258,6 +310,8 @@ class Transformer(nn.Module):
         else:
             out = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), False, "lm_head")(x.astype(cfg.compute_dtype))
             out = out.astype(jnp.float32)
+        if self.head == "lm" and cfg.final_softcap is not None:
+            out = kernels.reference.softcap(out, cfg.final_softcap)
         if self.head == "lm":
             out = nn.with_logical_constraint(out, ("batch", "length", "vocab"))
         if return_hidden:

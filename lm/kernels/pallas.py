@@ -80,11 +80,11 @@ def decode_attention(q, k_cache, v_cache, lengths, *, alibi_slopes=None, sm_scal
 
 
 def rope(x, positions, *, theta: float = 10000.0, rotary_dim: Optional[int] = None, interleaved: bool = False,
-         interpret=None):
+         scaling=None, interpret=None):
     """RoPE kernel fused over heads; see `reference.rope` for the arguments."""
     def fn(x, positions):
         return rotary.rope(x, positions, theta=theta, rotary_dim=rotary_dim, interleaved=interleaved,
-                           interpret=interpret)
+                           scaling=scaling, interpret=interpret)
 
     specs = dict(x="b.h.", positions="b." + "." * (positions.ndim - 2))
     return _sharded(fn, dict(x=x, positions=positions), specs, "b.h.", x.shape[0], (x.shape[2],))

@@ -23,6 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from lm.kernels import common
+from lm.kernels.reference import RopeScaling, rope_frequencies
 
 f32 = jnp.float32
 BLOCK_ROWS = 256
@@ -35,6 +36,8 @@ class _Static:
     interleaved: bool
     two_d: bool
     interpret: Optional[bool]
+    scaling: Optional[RopeScaling] = None
+    factor: float = 1.0
     sign: float = 1.0
     target: str = "interpret"
 
@@ -49,19 +52,21 @@ def _pairs(rd: int, interleaved: bool, offset: int = 0):
 
 
 def _tables(c: _Static, dp: int, dtype):
-    """freq [1, Dp] f32, component [1, Dp] f32 (2D only) and the signed permutation P [Dp, Dp]."""
+    """freq [1, Dp] f32, component [1, Dp] f32 (2D only), the signed permutation P [Dp, Dp] and the cos/sin
+    factor (a Python float)."""
     blocks = [(0, c.rotary_dim, 0)] if not c.two_d else [(0, c.rotary_dim // 2, 0),
                                                           (c.rotary_dim // 2, c.rotary_dim // 2, 1)]
     freq, comp = jnp.zeros((dp,), f32), np.zeros((dp,), np.float32)
     perm = np.zeros((dp, dp), np.float32)
+    factor = 1.0
     for offset, rd, component in blocks:
-        # Same expression as the reference, so the angles match bit for bit.
-        inv_freq = 1.0 / (c.theta ** (jnp.arange(0, rd, 2, dtype=f32) / rd))
+        # The reference's frequencies, so the angles match bit for bit.
+        inv_freq, factor = rope_frequencies(rd, c.theta, c.scaling)
         first, second, k = _pairs(rd, c.interleaved, offset)
         freq = freq.at[first].set(inv_freq[k]).at[second].set(inv_freq[k])
         comp[first], comp[second] = component, component
         perm[second, first], perm[first, second] = -1.0, 1.0
-    return freq[None], jnp.asarray(comp)[None], jnp.asarray(perm, dtype)
+    return freq[None], jnp.asarray(comp)[None], jnp.asarray(perm, dtype), factor
 
 
 def _kernel(x_ref, pos_ref, *refs, c: _Static):
@@ -76,7 +81,10 @@ def _kernel(x_ref, pos_ref, *refs, c: _Static):
     angle = pos * freq_ref[...]
     rotated = lax.dot_general(x, perm_ref[...], (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
                               preferred_element_type=f32)
-    out = x.astype(f32) * jnp.cos(angle) + rotated * (c.sign * jnp.sin(angle))
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    if c.factor != 1.0:  # yarn's attention factor scales cos and sin, as in the reference
+        cos, sin = cos * c.factor, sin * c.factor
+    out = x.astype(f32) * cos + rotated * (c.sign * sin)
     o_ref[...] = out.astype(o_ref.dtype)
 
 
@@ -109,7 +117,8 @@ def _apply(c: _Static, x, positions):
         p = jnp.broadcast_to(p.astype(f32)[:, :, None], (b, t, h)).reshape(b, n, 1)
         return common.pad_axis(p, 1, n_pad)
 
-    freq, comp, perm = _tables(c, dp, x.dtype)
+    freq, comp, perm, factor = _tables(c, dp, x.dtype)
+    c = dataclasses.replace(c, factor=factor)
     args = [rows(positions[..., 0]), rows(positions[..., 1]), comp] if c.two_d else [rows(positions)]
     out = common.dispatch(lambda tg: functools.partial(_call, dataclasses.replace(c, target=tg)),
                           x3, *args, freq, perm, interpret=c.interpret)
@@ -133,7 +142,7 @@ _rope.defvjp(_rope_fwd, _rope_bwd)
 
 
 def rope(x, positions, *, theta: float = 10000.0, rotary_dim: Optional[int] = None, interleaved: bool = False,
-         interpret=None):
+         scaling: Optional[RopeScaling] = None, interpret=None):
     """Pallas RoPE; same arguments and result as `reference.rope`, differentiable in x."""
     where = "lm.kernels.rope"
     if x.ndim != 4:
@@ -146,5 +155,8 @@ def rope(x, positions, *, theta: float = 10000.0, rotary_dim: Optional[int] = No
     if not 0 < rd <= d or rd % (4 if two_d else 2):
         raise ValueError(f"{where}: rotary_dim={rd} must be in (0, {d}] and split into pairs"
                          f"{' within each half (2D positions)' if two_d else ''}")
-    c = _Static(theta=float(theta), rotary_dim=rd, interleaved=bool(interleaved), two_d=two_d, interpret=interpret)
+    if scaling is not None and two_d:
+        raise ValueError(f"{where}: RoPE scaling is not defined for 2D positions")
+    c = _Static(theta=float(theta), rotary_dim=rd, interleaved=bool(interleaved), two_d=two_d, interpret=interpret,
+                scaling=scaling)
     return _rope(c, x, positions)

@@ -42,7 +42,7 @@ BASE = dict(vocab_size=32, d_model=16, n_layers=1, n_heads=4, d_ff=32)
 @pytest.mark.parametrize("changes, field", [
     (dict(norm="batchnorm"), "norm"),
     (dict(residual="postnorm"), "residual"),
-    (dict(mlp="relu"), "mlp"),
+    (dict(mlp="tanh"), "mlp"),
     (dict(position="sinusoidal"), "position"),
     (dict(mask="bidirectional"), "mask"),
     (dict(attention_impl="cuda"), "attention_impl"),

@@ -1,0 +1,4 @@
+"""Gemma layouts."""
+from __future__ import annotations
+
+ARCHS = []
