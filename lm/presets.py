@@ -16,6 +16,27 @@ _GLM = dict(norm="layernorm", norm_eps=1e-5, residual="deepnorm", mlp="gelu", po
 _GPT = dict(norm="layernorm", norm_eps=1e-5, mlp="gelu", position="learned", qkv_bias=True, out_bias=True,
             mlp_bias=True, tie_embeddings=True)
 
+# Newer open families, each a preset of the same fields.
+_LLAMA3 = dict(_LLAMA, norm_eps=1e-5, rope_theta=500000.0)
+_QWEN2 = dict(_LLAMA, qkv_bias=True, rope_theta=1000000.0)
+_QWEN3 = dict(_LLAMA, qk_norm=True, rope_theta=1000000.0)
+_MISTRAL = dict(_LLAMA, norm_eps=1e-5)
+# Gemma2: (1 + w) RMSNorms before and after each sub-layer, sqrt(d) embedding scale, tanh-GELU gated MLP,
+# soft-capped attention (50) and output (30) logits, local (4096) and global layers alternating.
+_GEMMA2 = dict(_LLAMA, mlp="geglu", gelu_approximate=True, norm_scale_offset=1.0, embed_scale=True, post_norms=True,
+               attn_softcap=50.0, final_softcap=30.0, window_pattern="LG", tie_embeddings=True)
+_PHI3 = dict(_LLAMA, norm_eps=1e-5)
+# GPT-NeoX / Pythia: parallel attention and MLP, a quarter of each head rotated, exact GELU, biases.
+_NEOX = dict(norm="layernorm", norm_eps=1e-5, residual="parallel", mlp="gelu", gelu_approximate=False,
+             position="rope", rope_fraction=0.25, qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=False)
+# OPT: LayerNorm, ReLU MLP, learned positions read two rows past the position, tied output.
+_OPT = dict(norm="layernorm", norm_eps=1e-5, mlp="relu", position="learned", pos_offset=2, qkv_bias=True,
+            out_bias=True, mlp_bias=True, tie_embeddings=True)
+# ChatGLM2/3-6B: GLM-4's math (RMSNorm, SwiGLU, interleaved RoPE on half of each head, qkv bias) with
+# multi-query groups of 2 K/V heads.
+_CHATGLM2 = dict(_LLAMA, norm_eps=1e-5, rope_fraction=0.5, rope_interleaved=True, qkv_bias=True)
+_TINY = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_len=256, scan_unroll=0)
+
 _PRESETS = {
     # LLaMA (Touvron et al. 2023): 6.74B / 13.0B.
     "llama-7b": dict(_LLAMA, vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, d_ff=11008, max_len=2048),
@@ -44,6 +65,43 @@ _PRESETS = {
     "gpt2-124m": dict(_GPT, vocab_size=50257, d_model=768, n_layers=12, n_heads=12, d_ff=3072, max_len=1024),
     "gpt3-175b": dict(_GPT, vocab_size=50257, d_model=12288, n_layers=96, n_heads=96, d_ff=49152, max_len=2048),
     "gpt2-tiny": dict(_GPT, vocab_size=512, d_model=64, n_layers=2, n_heads=4, d_ff=256, max_len=256, scan_unroll=0),
+    # Llama 3 (8.03B) and Llama 3.2 (1.24B, tied, llama3-scaled RoPE to 128K from 8K).
+    "llama3-8b": dict(_LLAMA3, vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
+                      max_len=8192),
+    "llama3.2-1b": dict(_LLAMA3, vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192,
+                        max_len=131072, tie_embeddings=True, rope_scaling="llama3", rope_factor=32.0,
+                        rope_original_max_len=8192, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0),
+    "llama3-tiny": dict(_LLAMA3, **_TINY, rope_scaling="llama3", rope_factor=8.0, rope_original_max_len=32,
+                        rope_low_freq_factor=1.0, rope_high_freq_factor=4.0),
+    # Qwen2.5-7B (7.62B) and Qwen3-8B (8.19B).
+    "qwen2.5-7b": dict(_QWEN2, vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, d_ff=18944,
+                       max_len=32768),
+    "qwen2-tiny": dict(_QWEN2, **_TINY),
+    "qwen3-8b": dict(_QWEN3, vocab_size=151936, d_model=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128,
+                     d_ff=12288, max_len=40960),
+    "qwen3-tiny": dict(_QWEN3, **dict(_TINY, n_heads=3, n_kv_heads=1), head_dim=24),
+    # Mistral-7B v0.1 (7.24B): a 4096-token sliding window on every layer.
+    "mistral-7b": dict(_MISTRAL, vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
+                       max_len=32768, sliding_window=4096),
+    "mistral-tiny": dict(_MISTRAL, **_TINY, sliding_window=16),
+    # Gemma2-9B (9.24B).
+    "gemma2-9b": dict(_GEMMA2, vocab_size=256000, d_model=3584, n_layers=42, n_heads=16, n_kv_heads=8, head_dim=256,
+                      d_ff=14336, max_len=8192, sliding_window=4096, query_pre_attn_scalar=256.0),
+    "gemma2-tiny": dict(_GEMMA2, **dict(_TINY, n_layers=4), head_dim=32, sliding_window=16, query_pre_attn_scalar=24.0),
+    # Phi-3-mini-4k (3.82B).
+    "phi3-mini": dict(_PHI3, vocab_size=32064, d_model=3072, n_layers=32, n_heads=32, d_ff=8192, max_len=4096,
+                      sliding_window=2047),
+    "phi3-tiny": dict(_PHI3, **dict(_TINY, n_kv_heads=None)),
+    # Pythia-1.4B (GPT-NeoX, 1.41B).
+    "pythia-1.4b": dict(_NEOX, vocab_size=50304, d_model=2048, n_layers=24, n_heads=16, d_ff=8192, max_len=2048),
+    "neox-tiny": dict(_NEOX, **dict(_TINY, n_kv_heads=None), rope_fraction=0.5),
+    # OPT-1.3B.
+    "opt-1.3b": dict(_OPT, vocab_size=50272, d_model=2048, n_layers=24, n_heads=32, d_ff=8192, max_len=2048),
+    "opt-tiny": dict(_OPT, **dict(_TINY, n_kv_heads=None)),
+    # ChatGLM2-6B (6.24B) / ChatGLM3-6B (same shapes).
+    "chatglm2-6b": dict(_CHATGLM2, vocab_size=65024, d_model=4096, n_layers=28, n_heads=32, n_kv_heads=2,
+                        d_ff=13696, max_len=32768),
+    "chatglm2-tiny": dict(_CHATGLM2, **_TINY),
 }
 
 
