@@ -13,9 +13,9 @@ import transformers as tr
 from safetensors import safe_open
 
 import lm
+from hf_refs import V, hf_greedy, hf_logits, our_logits, random_params, tokens
+import hf_refs
 from lm import hf, hf_arch
-
-V, T = 96, 12
 
 
 def _llama(gqa, **kw):
@@ -42,35 +42,8 @@ ARCH = {"llama_gqa": "LlamaForCausalLM", "llama_mha": "LlamaForCausalLM", "bloom
 
 
 def hf_model(name, seed=0, std=0.15):
-    """A tiny `transformers` model with every parameter random (norm scales around 1, biases non-zero)."""
-    torch.manual_seed(seed)
-    config = HF_CONFIGS[name]() if isinstance(name, str) else name
-    model = tr.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            is_norm_scale = p.ndim == 1 and pname.endswith("weight")
-            p.copy_(torch.randn_like(p) * std + (1.0 if is_norm_scale else 0.0))
-    return model
-
-
-def tokens(seed=0):
-    return np.random.RandomState(seed).randint(0, V, (2, T))
-
-
-def hf_logits(model, toks):
-    with torch.no_grad():
-        return model(torch.tensor(toks)).logits.numpy()
-
-
-def our_logits(cfg, params, toks, **kw):
-    return np.asarray(jax.jit(lm.Transformer(cfg).apply)({"params": params}, toks, **kw))
-
-
-def random_params(cfg, seed=0):
-    """Random NumPy parameters of `Transformer(cfg)` (shapes from `jax.eval_shape`, no model init run)."""
-    rng = np.random.RandomState(seed)
-    shapes = jax.eval_shape(lambda r: lm.init_params(cfg, r), jax.random.key(0))
-    return jax.tree.map(lambda s: rng.normal(0, 0.2, s.shape).astype(np.float32), shapes)
+    """A tiny random `transformers` model of one of HF_CONFIGS (or of a config object)."""
+    return hf_refs.hf_model(HF_CONFIGS[name]() if isinstance(name, str) else name, seed, std)
 
 
 @pytest.mark.parametrize("name", list(HF_CONFIGS))
@@ -262,7 +235,4 @@ def test_greedy_generate_matches_hf(name, tmp_path):
     prompts = [[5, 17, 3], [9, 1, 60, 22, 7, 44, 80], [31]]
     ours = generate(cfg, params, prompts, 8)
     for prompt, got in zip(prompts, ours):
-        with torch.no_grad():
-            out = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
-                                 attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-        assert got == out[0, len(prompt):].tolist()
+        assert got == hf_greedy(model, prompt, 8)
