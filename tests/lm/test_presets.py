@@ -4,8 +4,18 @@ import pytest
 import lm
 from lm import ModelConfig, presets
 
-# Published parameter counts (LLaMA paper; BigScience model cards; GPT-2 small; GPT-3 paper).
+# Published parameter counts (LLaMA paper; BigScience model cards; GPT-2 small; GPT-3 paper; the model cards of
+# Llama 3 / 3.2, Qwen2.5, Qwen3, Mistral, Gemma 2, Phi-3, Pythia and ChatGLM2).
 PUBLISHED = {
+    "llama3-8b": 8.03e9,
+    "llama3.2-1b": 1.24e9,
+    "qwen2.5-7b": 7.62e9,
+    "qwen3-8b": 8.19e9,
+    "mistral-7b": 7.24e9,
+    "gemma2-9b": 9.24e9,
+    "phi3-mini": 3.82e9,
+    "pythia-1.4b": 1.41e9,
+    "chatglm2-6b": 6.24e9,
     "llama-7b": 6.74e9,
     "llama-13b": 13.0e9,
     "bloom-7b1": 7.07e9,
@@ -27,8 +37,9 @@ def test_every_preset_builds_and_tiny_presets_are_tiny():
         assert isinstance(cfg, ModelConfig)
         if name.endswith("-tiny"):
             assert lm.count_params(cfg) < 1e6, name
-    assert {n.split("-")[0] for n in presets.names() if n.endswith("-tiny")} >= {"llama", "bloom", "glm",
-                                                                                  "baichuan", "gpt2"}
+    assert {n.split("-")[0] for n in presets.names() if n.endswith("-tiny")} >= {
+        "llama", "bloom", "glm", "baichuan", "gpt2", "llama3", "qwen2", "qwen3", "mistral", "gemma2", "phi3", "neox",
+        "opt", "chatglm2"}
 
 
 def test_unknown_preset_names_it():
@@ -55,6 +66,15 @@ BASE = dict(vocab_size=32, d_model=16, n_layers=1, n_heads=4, d_ff=32)
     (dict(n_kv_heads=3), "n_kv_heads"),
     (dict(d_model=18), "d_model"),
     (dict(rope_fraction=1.5), "rope_fraction"),
+    (dict(rope_scaling="dynamic"), "rope_scaling"),
+    (dict(rope_scaling="llama3", rope_factor=8.0), "rope_original_max_len"),
+    (dict(rope_scaling="linear", rope_factor=0.5), "rope_factor"),
+    (dict(sliding_window=0), "sliding_window"),
+    (dict(sliding_window=8, mask="prefix"), "sliding_window"),
+    (dict(sliding_window=8, window_pattern="LX"), "window_pattern"),
+    (dict(attn_softcap=-1.0), "attn_softcap"),
+    (dict(pos_offset=2), "pos_offset"),
+    (dict(residual="parallel", post_norms=True), "post_norms"),
 ])
 def test_invalid_config_names_the_field(changes, field):
     with pytest.raises(ValueError, match=field):
