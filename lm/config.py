@@ -45,6 +45,8 @@ class ModelConfig:
       position: "rope" (LLaMA, GLM-4), "rope2d" (ChatGLM-6B: half the rotary dims follow the position, half
         the position inside a generated span), "alibi" (BLOOM, Baichuan-13B) or "learned" (GPT).
       rope_theta: RoPE base frequency.
+      local_rope_theta: RoPE base of the local (sliding-window) layers when it differs from rope_theta (Gemma3:
+        10000 local, 1e6 global); None: rope_theta everywhere.
       rope_scaling: "none", "linear" (frequencies / factor), "llama3" (Llama-3.1: low frequencies / factor,
         high ones kept, a smooth ramp between) or "yarn" (NTK-by-parts ramp plus a cos/sin attention factor).
       rope_factor: the context-extension factor of the scaling.
@@ -104,6 +106,7 @@ class ModelConfig:
     gelu_approximate: bool = True
     position: Literal["rope", "rope2d", "alibi", "learned"] = "rope"
     rope_theta: float = 10000.0
+    local_rope_theta: Optional[float] = None
     rope_fraction: float = 1.0
     rope_interleaved: bool = False
     rope_scaling: Literal["none", "linear", "llama3", "yarn"] = "none"
@@ -184,6 +187,10 @@ class ModelConfig:
         for field in ("attn_softcap", "final_softcap", "query_pre_attn_scalar"):
             value = getattr(self, field)
             check(value is None or value > 0, f"{field} must be positive or None, got {value}")
+        if self.local_rope_theta is not None:
+            check(self.local_rope_theta > 0, f"local_rope_theta must be positive, got {self.local_rope_theta}")
+            check(self.position == "rope" and self.sliding_window is not None,
+                  "local_rope_theta needs position='rope' and sliding_window (it is the local layers' base)")
         check(self.pos_offset >= 0, f"pos_offset must be >= 0, got {self.pos_offset}")
         check(self.pos_offset == 0 or self.position == "learned", "pos_offset needs position='learned'")
         check(self.residual != "parallel" or not self.post_norms, "residual='parallel' has no post_norms")

@@ -26,7 +26,7 @@ from lm.model import init_params
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 # Buffers some checkpoints store that are recomputed rather than learned.
-_IGNORED = re.compile(r"(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
+_IGNORED = re.compile(r"(rotary_(pos_)?emb\.inv_freq|(attn|attention)\.(bias|masked_bias))$")
 _COMPARE_SKIP = ("dtype", "param_dtype", "attention_impl", "remat", "scan_unroll", "init_std", "embed_grad_scale")
 
 
@@ -160,7 +160,8 @@ def load(path, *, dtype=None) -> tuple[ModelConfig, dict]:
 def _canonical(cfg: ModelConfig) -> dict:
     """The fields that change what the model computes, with defaults resolved."""
     d = {k: v for k, v in cfg.to_dict().items() if k not in _COMPARE_SKIP}
-    d.update(n_kv_heads=cfg.kv_heads, head_dim=cfg.dim_per_head, deepnorm_alpha=cfg.alpha)
+    d.update(n_kv_heads=cfg.kv_heads, head_dim=cfg.dim_per_head, deepnorm_alpha=cfg.alpha,
+             query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.dim_per_head)
     if cfg.mlp == "swiglu":
         d.pop("gelu_approximate")
     if cfg.position not in ("rope", "rope2d"):
@@ -172,6 +173,8 @@ def _canonical(cfg: ModelConfig) -> dict:
             d.pop(k)
     if cfg.sliding_window is None:
         d.pop("window_pattern")
+    else:  # one letter per layer: "L" and "LL" are the same model
+        d["window_pattern"] = "".join(cfg.window_pattern[i % len(cfg.window_pattern)] for i in range(cfg.n_layers))
     return d
 
 
@@ -192,10 +195,15 @@ def save(cfg: ModelConfig, params, path, *, architecture: Optional[str] = None,
     Args:
       cfg, params: the model (params as from `init_params` or `load`; leaves keep their dtype).
       path: output directory (created).
-      architecture: HF architecture name (see `lm.hf_arch.ARCHS`); None picks it from `cfg`: learned
-        positions -> GPT-2, ALiBi + LayerNorm -> BLOOM, ALiBi + RMSNorm -> Baichuan, interleaved RoPE ->
-        GLM-4, RoPE -> LLaMA, DeepNorm / 2D RoPE -> ChatGLM-6B. Baichuan and ChatGLM-6B are remote-code
-        architectures: `transformers` needs their modeling code to instantiate them.
+      architecture: HF architecture name (see `lm.hf_arch.ARCHS`); None picks it from `cfg`
+        (`lm.hf_arch.default_for`): Gemma norms / sandwich norms -> Gemma2 (Gemma3 with q/k norms or a local
+        RoPE base), parallel residual or LayerNorm + RoPE -> GPT-NeoX, learned positions -> OPT (with a
+        position offset or a ReLU MLP) or GPT-2, DeepNorm / 2D RoPE -> ChatGLM-6B, ALiBi + LayerNorm -> BLOOM,
+        ALiBi + RMSNorm -> Baichuan, q/k norms -> Qwen3, interleaved RoPE -> GLM-4, q/k/v biases without an
+        output bias -> Qwen2, partial RoPE -> Phi-3, a sliding window -> Mistral, other RoPE (scaled or not)
+        -> LLaMA. Baichuan and ChatGLM are remote-code architectures: `transformers` needs their modeling code
+        to instantiate them. ChatGLM2/3-6B is written only when asked for (`architecture="ChatGLMModel"` with
+        a config that is not ChatGLM-6B's).
       max_shard_size: bytes per safetensors file; larger models are sharded with an index.
       extra_config: entries added to config.json, e.g. `{"bos_token_id": 1, "eos_token_id": 2}` (a
         `ModelConfig` knows no token ids, so they are written as null unless given here).

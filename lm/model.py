@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm import kernels, sharding
-from lm.config import ModelConfig
+from lm.config import GLOBAL_WINDOW, ModelConfig
 
 Cache = dict  # {"k": [L, B, S, Hkv, D], "v": [L, B, S, Hkv, D]}
 
@@ -136,8 +136,17 @@ class Attention(nn.Module):
                         interleaved=cfg.rope_interleaved)
             if cfg.rope_scaling != "none":
                 rope["scaling"] = cfg.rope_scaling_spec
-            q = kernels.rope(q, ctx["positions"], **rope)
-            k = kernels.rope(k, ctx["positions"], **rope)
+
+            def rotate(t):
+                out = kernels.rope(t, ctx["positions"], **rope)
+                if cfg.local_rope_theta is None or window is None:
+                    return out
+                # Gemma3: local layers have their own base. The layer kind is a scanned (traced) value, so both
+                # rotations are computed and one is kept.
+                local = kernels.rope(t, ctx["positions"], **dict(rope, theta=cfg.local_rope_theta))
+                return jnp.where(window < GLOBAL_WINDOW, local, out)
+
+            q, k = rotate(q), rotate(k)
         slopes = kernels.alibi_slopes(hq) if cfg.position == "alibi" else None
         causal_kw = dict(impl=cfg.attention_impl, alibi_slopes=slopes)
         # Only the fields a config sets are passed, so kernels see the arguments they always saw otherwise.

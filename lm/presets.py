@@ -25,6 +25,11 @@ _MISTRAL = dict(_LLAMA, norm_eps=1e-5)
 # soft-capped attention (50) and output (30) logits, local (4096) and global layers alternating.
 _GEMMA2 = dict(_LLAMA, mlp="geglu", gelu_approximate=True, norm_scale_offset=1.0, embed_scale=True, post_norms=True,
                attn_softcap=50.0, final_softcap=30.0, window_pattern="LG", tie_embeddings=True)
+# Gemma3 (text): Gemma2's norms and embedding scale plus (1 + w) q/k norms, no soft-caps, five local layers per
+# global one, and a RoPE base of 1e4 on the local layers against 1e6 on the global ones.
+_GEMMA3 = dict(_LLAMA, mlp="geglu", gelu_approximate=True, norm_scale_offset=1.0, embed_scale=True, post_norms=True,
+               qk_norm=True, window_pattern="LLLLLG", rope_theta=1000000.0, local_rope_theta=10000.0,
+               tie_embeddings=True)
 _PHI3 = dict(_LLAMA, norm_eps=1e-5)
 # GPT-NeoX / Pythia: parallel attention and MLP, a quarter of each head rotated, exact GELU, biases.
 _NEOX = dict(norm="layernorm", norm_eps=1e-5, residual="parallel", mlp="gelu", gelu_approximate=False,
@@ -88,6 +93,11 @@ _PRESETS = {
     "gemma2-9b": dict(_GEMMA2, vocab_size=256000, d_model=3584, n_layers=42, n_heads=16, n_kv_heads=8, head_dim=256,
                       d_ff=14336, max_len=8192, sliding_window=4096, query_pre_attn_scalar=256.0),
     "gemma2-tiny": dict(_GEMMA2, **dict(_TINY, n_layers=4), head_dim=32, sliding_window=16, query_pre_attn_scalar=24.0),
+    # Gemma3-1B (1.00B; 26 layers, so the pattern's last period is cut short).
+    "gemma3-1b": dict(_GEMMA3, vocab_size=262144, d_model=1152, n_layers=26, n_heads=4, n_kv_heads=1, head_dim=256,
+                      d_ff=6912, max_len=32768, sliding_window=512, query_pre_attn_scalar=256.0),
+    "gemma3-tiny": dict(_GEMMA3, **dict(_TINY, n_layers=3), head_dim=16, sliding_window=16,
+                        window_pattern="LLG", query_pre_attn_scalar=16.0),
     # Phi-3-mini-4k (3.82B).
     "phi3-mini": dict(_PHI3, vocab_size=32064, d_model=3072, n_layers=32, n_heads=32, d_ff=8192, max_len=4096,
                       sliding_window=2047),

@@ -13,15 +13,18 @@ from lm.model import Transformer, abstract_params, boxed_params
 from rl import dpo, reward
 from rl import ppo_step as pt
 
-FAMILIES = ["llama3-tiny", "qwen2-tiny", "qwen3-tiny", "mistral-tiny", "gemma2-tiny", "phi3-tiny", "neox-tiny",
-            "opt-tiny", "chatglm2-tiny"]
+FAMILIES = ["llama3-tiny", "qwen2-tiny", "qwen3-tiny", "mistral-tiny", "gemma2-tiny", "gemma3-tiny", "phi3-tiny",
+            "neox-tiny", "opt-tiny", "chatglm2-tiny"]
 B, K, T = 8, 2, 24  # T is longer than the tiny presets' 16-token sliding windows
 TX = optax.sgd(0.5)  # linear in the gradient, so layouts compare tightly
 HP = pt.PPOConfig(response_length=6, epochs=1, mini_batches=2)
 
 
 def _cfg(name):
-    return presets.get(name, vocab_size=64, max_len=48, n_layers=2, scan_unroll=1)
+    """The preset, small and scanned (compiles once per layer kind), with one period of its window pattern."""
+    cfg = presets.get(name)
+    layers = max(2, len(cfg.window_pattern)) if cfg.sliding_window else 2
+    return cfg.replace(vocab_size=64, max_len=48, n_layers=layers, scan_unroll=1)
 
 
 def _params(cfg, head, seed=0):

@@ -22,14 +22,29 @@ def get(name: Optional[str]) -> Arch:
 
 
 def default_for(cfg: ModelConfig) -> str:
-    """The HF architecture a `ModelConfig` is written as when the caller does not choose one."""
+    """The HF architecture a `ModelConfig` is written as when the caller does not choose one: the first rule
+    that matches names one that can express the config (`lm.hf.save` still refuses what it cannot)."""
+    if cfg.post_norms or cfg.norm_scale_offset:
+        return "Gemma3ForCausalLM" if cfg.qk_norm or cfg.local_rope_theta is not None else "Gemma2ForCausalLM"
+    if cfg.residual == "parallel" or (cfg.position == "rope" and cfg.norm == "layernorm"):
+        return "GPTNeoXForCausalLM"
     if cfg.position == "learned":
-        return "GPT2LMHeadModel"
+        return "OPTForCausalLM" if cfg.pos_offset or cfg.mlp == "relu" else "GPT2LMHeadModel"
     if cfg.position == "rope2d" or cfg.residual == "deepnorm":
         return "ChatGLMForConditionalGeneration"
     if cfg.position == "alibi":
         return "BloomForCausalLM" if cfg.norm == "layernorm" else "BaichuanForCausalLM"
-    return "GlmForCausalLM" if cfg.rope_interleaved else "LlamaForCausalLM"
+    if cfg.qk_norm:
+        return "Qwen3ForCausalLM"
+    if cfg.rope_interleaved:
+        return "GlmForCausalLM"
+    if cfg.qkv_bias and not cfg.out_bias:  # also any per-layer window pattern (layer_types)
+        return "Qwen2ForCausalLM"
+    if cfg.rope_fraction != 1.0:  # partial rotary, window (if any) on every layer
+        return "Phi3ForCausalLM"
+    if cfg.sliding_window is not None:
+        return "MistralForCausalLM"
+    return "LlamaForCausalLM"  # also Llama-3 / linear / yarn RoPE scaling
 
 
 __all__ = ["ARCHS", "HARMLESS", "Arch", "HFConfig", "TensorMap", "check_consumed", "default_for", "field", "get"]

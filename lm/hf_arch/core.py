@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -158,9 +158,10 @@ _GATED = {"silu": ("swiglu", True), "swish": ("swiglu", True), "gelu": ("geglu",
           "gelu_new": ("geglu", True), "gelu_pytorch_tanh": ("geglu", True)}
 
 
-def gated_act(hf: dict) -> dict:
-    act = field(hf, "hidden_act", default="silu")
-    require(act in _GATED, hf, f"hidden_act={act!r} (supported: {sorted(_GATED)})")
+def gated_act(hf: dict, key: str = "hidden_act", default: str = "silu") -> dict:
+    """mlp / gelu_approximate of the gated-MLP activation named by config key `key` (Gemma: hidden_activation)."""
+    act = field(hf, key, default=default)
+    require(act in _GATED, hf, f"{key}={act!r} (supported: {sorted(_GATED)})")
     mlp, approx = _GATED[act]
     return dict(mlp=mlp, gelu_approximate=approx)
 
@@ -249,15 +250,17 @@ def layer_types(cfg: ModelConfig) -> list[str]:
     return ["sliding_attention" if w == cfg.sliding_window and w is not None else "full_attention" for w in windows]
 
 
-def llama_like_from(hf: dict) -> dict:
-    """Fields shared by LLaMA, Baichuan and GLM-4 configs."""
+def llama_like_from(hf: dict, *, kv_heads: Optional[int] = None, head_dim: Optional[int] = None,
+                    eps: float = 1e-6) -> dict:
+    """Fields shared by LLaMA-like configs. kv_heads, head_dim, eps: the config class's defaults for absent
+    keys (None: n_heads, d_model // n_heads), e.g. Mistral's 8 K/V heads or Qwen3's head_dim 128."""
     d, h = field(hf, "hidden_size"), field(hf, "num_attention_heads")
-    head_dim, n_kv = field(hf, "head_dim", default=None), field(hf, "num_key_value_heads", default=h)
+    head_dim, n_kv = field(hf, "head_dim", default=head_dim), field(hf, "num_key_value_heads", default=kv_heads or h)
     # Defaults stay None, as in the presets.
     return dict(vocab_size=field(hf, "vocab_size"), d_model=d, n_layers=field(hf, "num_hidden_layers"),
                 n_heads=h, n_kv_heads=None if n_kv == h else n_kv,
                 head_dim=None if head_dim in (None, d // h) else head_dim, d_ff=field(hf, "intermediate_size"),
-                norm="rmsnorm", norm_eps=float(field(hf, "rms_norm_eps", default=1e-6)),
+                norm="rmsnorm", norm_eps=float(field(hf, "rms_norm_eps", default=eps)),
                 tie_embeddings=bool(field(hf, "tie_word_embeddings", default=False)), **gated_act(hf))
 
 
@@ -295,16 +298,21 @@ def embed_and_head(embed: str, final_norm: str, cfg: ModelConfig, head="lm_head"
 
 
 def llama_tensors(cfg: ModelConfig, qkv: str = "split", gate_up: bool = False) -> list[TensorMap]:
-    """LLaMA naming; `qkv="pack"` is Baichuan's W_pack, `gate_up` GLM-4's fused gate/up projection."""
+    """LLaMA naming. qkv: "split" (q_proj, k_proj, v_proj) or the name of one fused [q; k; v] tensor
+    (Baichuan's "W_pack", Phi-3's "qkv_proj"); gate_up: fused [gate; up] projection (GLM-4, Phi-3). Qwen3's
+    per-head q/k norms come with `cfg.qk_norm`."""
     p = "model.layers.{i}."
     maps = embed_and_head("model.embed_tokens.weight", "model.norm", cfg)
     maps += norm(p + "input_layernorm", "layers/attn_norm", cfg)
     maps += norm(p + "post_attention_layernorm", "layers/mlp_norm", cfg)
-    if qkv == "pack":
-        maps += linear(p + "self_attn.W_pack", QKV, cfg.qkv_bias)
-    else:
+    if qkv == "split":
         for name, ours in zip("qkv", QKV):
             maps += linear(f"{p}self_attn.{name}_proj", (ours,), cfg.qkv_bias)
+    else:
+        maps += linear(f"{p}self_attn.{qkv}", QKV, cfg.qkv_bias)
+    if cfg.qk_norm:
+        maps += norm(p + "self_attn.q_norm", "layers/attn/q_norm", cfg) + norm(p + "self_attn.k_norm",
+                                                                               "layers/attn/k_norm", cfg)
     maps += linear(p + "self_attn.o_proj", (O,), cfg.out_bias, n_in=2)
     if gate_up:
         maps += linear(p + "mlp.gate_up_proj", (WG, WI), cfg.mlp_bias)

@@ -12,7 +12,8 @@ from lm.model import Transformer, init_cache
 from lm.sampling import apply_temperature, filter_logits, top_k_filter, top_p_filter
 
 FAMILIES = ["llama-tiny", "bloom-tiny", "glm-tiny", "baichuan-tiny", "gpt2-tiny", "llama3-tiny", "qwen2-tiny",
-            "qwen3-tiny", "mistral-tiny", "gemma2-tiny", "phi3-tiny", "neox-tiny", "opt-tiny", "chatglm2-tiny"]
+            "qwen3-tiny", "mistral-tiny", "gemma2-tiny", "gemma3-tiny", "phi3-tiny", "neox-tiny", "opt-tiny",
+            "chatglm2-tiny"]
 # Larger than the usual init so attention is far from uniform: wrong positions or cache entries show up.
 INIT_STD = 0.1
 PROMPTS = [[5, 17, 42, 9, 301, 77, 12], [3, 250], [8, 8, 100, 64], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]

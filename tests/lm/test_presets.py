@@ -13,6 +13,7 @@ PUBLISHED = {
     "qwen3-8b": 8.19e9,
     "mistral-7b": 7.24e9,
     "gemma2-9b": 9.24e9,
+    "gemma3-1b": 999_885_952,
     "phi3-mini": 3.82e9,
     "pythia-1.4b": 1.41e9,
     "chatglm2-6b": 6.24e9,
@@ -38,7 +39,7 @@ def test_every_preset_builds_and_tiny_presets_are_tiny():
         if name.endswith("-tiny"):
             assert lm.count_params(cfg) < 1e6, name
     assert {n.split("-")[0] for n in presets.names() if n.endswith("-tiny")} >= {
-        "llama", "bloom", "glm", "baichuan", "gpt2", "llama3", "qwen2", "qwen3", "mistral", "gemma2", "phi3", "neox",
+        "llama", "bloom", "glm", "baichuan", "gpt2", "llama3", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "neox",
         "opt", "chatglm2"}
 
 
