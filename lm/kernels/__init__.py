@@ -4,6 +4,8 @@ Model code calls these three functions and never knows which implementation ran.
 """
 from __future__ import annotations
 
+import importlib
+
 from lm.kernels import reference
 from lm.kernels.reference import alibi_slopes
 
@@ -18,7 +20,7 @@ def register(name: str, module) -> None:
 def _impl(name: str):
     if name not in _IMPLS:
         if name == "pallas":
-            from lm.kernels import pallas  # noqa: F401  (registers itself)
+            importlib.import_module("lm.kernels.pallas")  # registers itself
         else:
             raise ValueError(f"unknown attention_impl {name!r}; known: {sorted(_IMPLS) + ['pallas']}")
     return _IMPLS[name]

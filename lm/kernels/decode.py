@@ -2,8 +2,10 @@
 
 `q: [B, Hq, D]`, caches `[B, S, Hkv, D]` (read in place, never transposed), `lengths: [B]`. The cache is cut
 into `n_splits` chunks; a program owns (row, K/V heads, chunk) and walks that chunk in `block_k` tiles up
-to the row's length only (chunks past it do no work). The g = Hq // Hkv query heads of a group are the rows
-of one `[g, D]` tile (padded to 16 rows for Triton's matmul), so a K/V tile is loaded once per group.
+to the row's length only (chunks past it do no work); with a sliding window it starts at the first tile
+holding a key inside the window (chunks wholly before it do no work either). The g = Hq // Hkv query
+heads of a group are the rows of one `[g, D]` tile (padded to 16 rows for Triton's matmul), so a K/V tile
+is loaded once per group. Soft-capping (Gemma2) bends the logits before ALiBi and the mask.
 Each chunk returns an unnormalised partial result with its running max and sum; a log-sum-exp merge over
 the chunks gives the output. TPU programs take all K/V heads of a row (the block's last two dims are then
 the full `(Hkv, D)`); GPU programs take one head.
@@ -35,18 +37,24 @@ class _Static:
     group_rows: int
     heads_per_program: int
     has_alibi: bool
+    has_window: bool
+    softcap: Optional[float]
     target: str = "interpret"
 
 
 def _kernel(len_ref, q_ref, k_ref, v_ref, *refs, c: _Static):
-    if c.has_alibi:
-        slope_ref, acc_ref, m_ref, l_ref = refs
-    else:
-        acc_ref, m_ref, l_ref = refs
+    refs = list(refs)
+    window_ref = refs.pop(0) if c.has_window else None
+    slope_ref = refs.pop(0) if c.has_alibi else None
+    acc_ref, m_ref, l_ref = refs
     b, chunk = pl.program_id(0), pl.program_id(2)
     length = len_ref[b]
     start = chunk * c.split_len
     n_blocks = lax.div(jnp.clip(length - start, 0, c.split_len) + (c.block_k - 1), c.block_k)
+    first_block = 0
+    if c.has_window:  # the query sits at length - 1 and sees keys j > length - 1 - window
+        lo = jnp.maximum(length - window_ref[0], 0)
+        first_block = lax.div(jnp.clip(lo - start, 0, c.split_len), c.block_k)
     shape = (c.group_rows, c.block_k)
     for h in range(c.heads_per_program):  # static: K/V heads in this program's block
         q = q_ref[h]
@@ -57,10 +65,15 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, *refs, c: _Static):
             rows = pl.ds(pl.multiple_of(jb * c.block_k, c.block_k), c.block_k)
             k, v = k_ref[rows, h, :], v_ref[rows, h, :]
             s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=f32) * c.sm_scale
+            if c.softcap is not None:
+                s = c.softcap * jnp.tanh(s / c.softcap)
             cols = start + jb * c.block_k + lax.broadcasted_iota(jnp.int32, shape, 1)
             if c.has_alibi:
                 s = s + slope * (cols - (length - 1)).astype(f32)
-            s = jnp.where(cols < length, s, MASKED)
+            visible = cols < length
+            if c.has_window:
+                visible = visible & (cols >= lo)
+            s = jnp.where(visible, s, MASKED)
             m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
             alpha = jnp.exp(m - m_new)
             p = jnp.exp(s - m_new)
@@ -70,18 +83,20 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, *refs, c: _Static):
 
         init = (jnp.zeros((c.group_rows, q.shape[-1]), f32), jnp.full((c.group_rows, 1), MAX_INIT, f32),
                 jnp.zeros((c.group_rows, 1), f32))
-        acc, m, l = lax.fori_loop(0, n_blocks, step, init)
+        acc, m, l = lax.fori_loop(first_block, n_blocks, step, init)
         acc_ref[h] = acc
         m_ref[h] = m
         l_ref[h] = l
 
 
-def _call(c: _Static, lengths, q4, k, v, *slopes):
+def _call(c: _Static, lengths, q4, k, v, *extras):
     batch, s_len, hkv, dp = k.shape
     hp, rows, n_splits = c.heads_per_program, c.group_rows, s_len // c.split_len
     kv = pl.BlockSpec((None, c.split_len, hp, dp), lambda b, h, s: (b, s, h, 0))
     q_spec = pl.BlockSpec((None, hp, rows, dp), lambda b, h, s: (b, h, 0, 0))
     in_specs = [common.scalar_spec(c.target), q_spec, kv, kv]
+    if c.has_window:
+        in_specs.append(common.scalar_spec(c.target))
     if c.has_alibi:
         in_specs.append(pl.BlockSpec((hp, rows, 1), lambda b, h, s: (h, 0, 0)))
     part = lambda width: pl.BlockSpec((None, hp, None, rows, width), lambda b, h, s: (b, h, s, 0, 0))  # noqa: E731
@@ -95,7 +110,7 @@ def _call(c: _Static, lengths, q4, k, v, *slopes):
         compiler_params=common.compiler_params(c.target, ("parallel",) * 3),
         interpret=c.target == "interpret",
         name="decode_attention",
-    )(lengths, q4, k, v, *slopes)
+    )(lengths, q4, k, v, *extras)
 
 
 def _block_and_splits(s_len: int, block_k: int):
@@ -111,15 +126,16 @@ def _block_and_splits(s_len: int, block_k: int):
 
 
 def decode_attention(q, k_cache, v_cache, lengths, *, alibi_slopes=None, sm_scale: Optional[float] = None,
-                     block_k: int = 128, interpret=None, heads_per_program: Optional[int] = None):
+                     window=None, softcap: Optional[float] = None, block_k: int = 128, interpret=None,
+                     heads_per_program: Optional[int] = None):
     """Pallas decode attention; same arguments and result as `reference.decode_attention` (not differentiable;
-    a row of length 0 gives zeros).
+    a row of length 0 gives zeros; window may be traced, softcap is static).
 
     A head dim that is not a power of two >= 16, or a cache length with no power-of-two tile >= 16
     dividing it, is padded here (a copy of the cache); `heads_per_program` overrides the per-target choice
     of K/V heads per program (all on TPU, one on GPU / in interpret mode), so tests can run either layout.
     """
-    _check(q, k_cache, v_cache, lengths, alibi_slopes)
+    _check(q, k_cache, v_cache, lengths, alibi_slopes, window)
     b, hq, d = q.shape
     hkv = k_cache.shape[2]
     g, dp = hq // hkv, common.padded_dim(d)
@@ -133,11 +149,14 @@ def decode_attention(q, k_cache, v_cache, lengths, *, alibi_slopes=None, sm_scal
     k_cache, v_cache = common.pad_axis(k_cache, 3, dp), common.pad_axis(v_cache, 3, dp)
     q4 = common.pad_axis(common.pad_axis(q.reshape(b, hkv, g, d), 2, rows), 3, dp)
     extras = []
+    if window is not None:
+        extras.append(jnp.asarray(window, jnp.int32).reshape(1))
     if alibi_slopes is not None:
         extras.append(common.pad_axis(alibi_slopes.astype(f32).reshape(hkv, g), 1, rows)[..., None])
     base = _Static(sm_scale=float(d ** -0.5 if sm_scale is None else sm_scale), block_k=bk,
                    split_len=k_cache.shape[1] // n_splits, group_rows=rows, heads_per_program=1,
-                   has_alibi=alibi_slopes is not None)
+                   has_alibi=alibi_slopes is not None, has_window=window is not None,
+                   softcap=None if softcap is None else float(softcap))
 
     def build(target):
         hp = heads_per_program or (hkv if target == "tpu" else 1)
@@ -154,7 +173,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, alibi_slopes=None, sm_scal
     return out[:, :, :g, :d].reshape(b, hq, d).astype(q.dtype)
 
 
-def _check(q, k_cache, v_cache, lengths, slopes):
+def _check(q, k_cache, v_cache, lengths, slopes, window):
     where = "lm.kernels.decode_attention"
     if q.ndim != 3 or k_cache.ndim != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(f"{where}: want q [B, Hq, D] and caches [B, S, Hkv, D]; got q {q.shape}, "
@@ -170,3 +189,5 @@ def _check(q, k_cache, v_cache, lengths, slopes):
         raise ValueError(f"{where}: lengths must be [B]={b}, got {np.shape(lengths)}")
     if slopes is not None and slopes.shape != (hq,):
         raise ValueError(f"{where}: alibi_slopes must be [Hq]={hq}, got {slopes.shape}")
+    if window is not None and jnp.ndim(window) != 0:
+        raise ValueError(f"{where}: window must be a scalar (int or int32 []), got shape {jnp.shape(window)}")

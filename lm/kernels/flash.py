@@ -6,9 +6,12 @@ block (dK/dV) and loops over the other side's blocks inside the kernel, indexing
 untiled block axis; so the same kernel meets TPU's (8, 128) rule and Triton's power-of-two tiles.
 
 Masks are built in the kernel from indices: causal, GLM prefix-LM (`prefix_len[b]` keys visible to
-every query), packed `segment_ids`, and key padding; ALiBi adds `slope[h] * (j - i)` from the slopes.
-The loops visit only blocks with a visible key (causal and prefix bounds; with segment ids a block whose
-id range misses the query block's is skipped), and blocks known to be fully visible skip the mask.
+every query), sliding window (query i sees keys j > i - window), packed `segment_ids`, and key padding;
+ALiBi adds `slope[h] * (j - i)` from the slopes, after Gemma2's soft-capping `cap * tanh(s / cap)`.
+The loops visit only blocks with a visible key (causal, prefix and window bounds; with segment ids a block
+whose id range misses the query block's is skipped), and blocks known to be fully visible skip the mask
+(with a window every visited block is masked: the window's edge moves with the query row). Those rules
+live in `flash_masks`.
 GQA: query head h reads K/V head h // (Hq // Hkv); the dK/dV program of a K/V head sums its query heads.
 On TPU the looped-over side of a (row, head) sits whole in VMEM: fine to a few thousand tokens; longer
 sequences would want that loop moved onto the grid with scratch accumulators (Triton has no scratch).
@@ -25,56 +28,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from lm.kernels import common
-from lm.kernels.common import LSE_EMPTY, MASKED, MAX_INIT
+from lm.kernels.common import LSE_EMPTY, MAX_INIT
+from lm.kernels.flash_masks import (Extras, Static, key_range, logits, needs_mask, nt_dot, overlap, query_range,
+                                    softcap_grad)
 
 f32 = jnp.float32
 BWD_LOOP_BLOCK = 32  # GPU backward: block size of the side each kernel loops over
 # GPU: largest `block x Dp` tile in bytes. Triton keeps the owned tile plus two pipelined stages of the
 # looped-over tiles in shared memory (227 KiB on H100); f32 at D=128 with 128-row blocks asks for 256 KiB.
 GPU_TILE_BYTES = 32 * 1024
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    """Everything static about one call (hashable: it is a nondiff argument of the custom VJP).
-
-    seq_q / seq_k are the true lengths, len_q / len_k the padded ones (multiples of every block size used).
-    """
-    causal: bool
-    sm_scale: float
-    block_q: int
-    block_k: int
-    seq_q: int
-    seq_k: int
-    len_q: int
-    len_k: int
-    head_dim: int
-    groups: int
-    has_prefix: bool
-    has_alibi: bool
-    has_segments: bool
-    interpret: Optional[bool]
-    target: str = "interpret"
-
-    @property
-    def dp(self):
-        return common.padded_dim(self.head_dim)
-
-    @property
-    def nq(self):
-        return self.len_q // self.block_q
-
-    @property
-    def nk(self):
-        return self.len_k // self.block_k
-
-    @property
-    def key_padding(self):
-        return self.seq_k % self.block_k != 0
-
-    def reblocked(self, block_q: int, block_k: int) -> "_Static":
-        """The same arrays viewed with smaller blocks (sizes that divide the current ones)."""
-        return dataclasses.replace(self, block_q=min(block_q, self.block_q), block_k=min(block_k, self.block_k))
 
 
 def gpu_block_cap(head_dim: int, itemsize: int) -> int:
@@ -85,101 +47,9 @@ def gpu_block_cap(head_dim: int, itemsize: int) -> int:
     return cap
 
 
-def _cdiv(a, b: int):
-    return lax.div(a + (b - 1), b)
-
-
-def _nt_dot(a, b):
-    """a @ b.T with float32 accumulation."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=f32)
-
-
 def _tn_dot(a, b):
     """a.T @ b with float32 accumulation."""
     return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=f32)
-
-
-class _Extras:
-    """The optional inputs' refs of a program: segment ids, prefix length and ALiBi slope."""
-
-    def __init__(self, c: _Static, refs, batch):
-        refs = list(refs)
-        self.qseg = refs.pop(0) if c.has_segments else None
-        self.kseg = refs.pop(0) if c.has_segments else None
-        self.prefix = refs.pop(0)[batch] if c.has_prefix else None
-        self.slopes = refs.pop(0) if c.has_alibi else None
-        assert not refs
-
-
-def _logits(c: _Static, q, k, q_start, k_start, slope, qseg, kseg, prefix, masked: bool):
-    """Scaled logits `[bq, bk]` of a (query block, key block) pair, with ALiBi and, if `masked`, the mask."""
-    s = _nt_dot(q, k) * c.sm_scale
-    if not (c.has_alibi or masked):
-        return s
-    shape = s.shape
-    rows = q_start + lax.broadcasted_iota(jnp.int32, shape, 0)
-    cols = k_start + lax.broadcasted_iota(jnp.int32, shape, 1)
-    if c.has_alibi:
-        s = s + slope * (cols - rows).astype(f32)
-    if masked:
-        visible = jnp.ones(shape, jnp.bool_)
-        if c.causal:
-            visible = cols <= rows
-            if c.has_prefix:
-                visible = visible | (cols < prefix)
-        if c.key_padding:
-            visible = visible & (cols < c.seq_k)
-        if c.has_segments:
-            visible = visible & (qseg == kseg)
-        s = jnp.where(visible, s, MASKED)
-    return s
-
-
-def _needs_mask(c: _Static) -> bool:
-    return c.causal or c.key_padding or c.has_segments
-
-
-def _key_range(c: _Static, q_block, prefix):
-    """(first masked key block, end) for a query block: blocks before the first are fully visible."""
-    q_first = q_block * c.block_q
-    if c.causal:
-        last = q_first + c.block_q
-        full = lax.div(q_first + 1, c.block_k)
-        if c.has_prefix:
-            last = jnp.maximum(last, prefix)
-            full = jnp.maximum(full, lax.div(prefix, c.block_k))
-        end = _cdiv(jnp.minimum(last, c.seq_k), c.block_k)
-        full = jnp.minimum(full, end)
-    else:
-        end = -(-c.seq_k // c.block_k)
-        full = c.seq_k // c.block_k
-    if c.has_segments:
-        full = 0
-    return jnp.minimum(full, c.seq_k // c.block_k), end
-
-
-def _query_range(c: _Static, k_block, prefix):
-    """(first query block, first fully visible query block) for a key block."""
-    k_first = k_block * c.block_k
-    if c.causal:
-        start = lax.div(k_first, c.block_q)
-        full = _cdiv(k_first + c.block_k - 1, c.block_q)
-        if c.has_prefix:
-            start = jnp.where(k_first < prefix, 0, start)
-            full = jnp.where(k_first + c.block_k <= prefix, 0, full)
-        full = jnp.maximum(full, start)
-    else:
-        start, full = 0, 0
-    if c.has_segments:
-        full = c.nq
-    elif c.key_padding:  # arithmetic, not a select: Triton mis-types a select between two constants
-        full = jnp.maximum(full, (k_first + c.block_k > c.seq_k).astype(jnp.int32) * c.nq)
-    return start, jnp.minimum(full, -(-c.seq_q // c.block_q))
-
-
-def _overlap(a, b):
-    """Whether two segment-id tiles share any id range (a cheap test that a block is not fully masked)."""
-    return (jnp.min(a) <= jnp.max(b)) & (jnp.min(b) <= jnp.max(a))
 
 
 def _loop(lo, hi, body, carry, skip_test=None):
@@ -191,10 +61,10 @@ def _loop(lo, hi, body, carry, skip_test=None):
 
 # ----------------------------------------------------------------------------------------------- forward
 
-def _fwd_kernel(q_ref, k_ref, v_ref, *refs, c: _Static):
+def _fwd_kernel(q_ref, k_ref, v_ref, *refs, c: Static):
     *ins, o_ref, lse_ref = refs
     b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    ex = _Extras(c, ins, b)
+    ex = Extras(c, ins, b)
     slope = ex.slopes[h] if c.has_alibi else None
     qseg = ex.qseg[...] if c.has_segments else None
     q = q_ref[...]
@@ -204,7 +74,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, c: _Static):
         def step(kb, carry):
             acc, m, l = carry
             kseg = ex.kseg[kb] if c.has_segments else None
-            s = _logits(c, q, k_ref[kb], i * bq, kb * c.block_k, slope, qseg, kseg, ex.prefix, masked)
+            s, _ = logits(c, q, k_ref[kb], i * bq, kb * c.block_k, slope, qseg, kseg, ex, masked)
             m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
             alpha = jnp.exp(m - m_new)
             p = jnp.exp(s - m_new)
@@ -215,10 +85,10 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, c: _Static):
         return step
 
     carry = (jnp.zeros((bq, c.dp), f32), jnp.full((bq, 1), MAX_INIT, f32), jnp.zeros((bq, 1), f32))
-    full, end = _key_range(c, i, ex.prefix)
-    carry = _loop(0, full, body(False), carry)
-    if _needs_mask(c):
-        skip = (lambda kb: _overlap(qseg, ex.kseg[kb])) if c.has_segments else None
+    start, full, end = key_range(c, i, ex)
+    carry = _loop(start, full, body(False), carry)
+    if needs_mask(c):
+        skip = (lambda kb: overlap(qseg, ex.kseg[kb])) if c.has_segments else None
         carry = _loop(full, end, body(True), carry, skip)
     acc, m, l = carry
     empty = l == 0.0
@@ -227,7 +97,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, c: _Static):
     lse_ref[...] = jnp.where(empty, LSE_EMPTY, m + jnp.log(l_safe))
 
 
-def _extra_specs(c: _Static, qseg_map, kseg_map, q_side_full: bool):
+def _extra_specs(c: Static, qseg_map, kseg_map, q_side_full: bool):
     specs = []
     if c.has_segments:
         if q_side_full:
@@ -238,12 +108,14 @@ def _extra_specs(c: _Static, qseg_map, kseg_map, q_side_full: bool):
             specs.append(pl.BlockSpec((None, c.nk, 1, c.block_k), kseg_map))
     if c.has_prefix:
         specs.append(common.scalar_spec(c.target))
+    if c.has_window:
+        specs.append(common.scalar_spec(c.target))
     if c.has_alibi:
         specs.append(common.scalar_spec(c.target))
     return specs
 
 
-def _q_block_specs(c: _Static):
+def _q_block_specs(c: Static):
     """Specs of the query-block-owning kernels (forward, dQ): grid (B, Hq, nq)."""
     g = c.groups
     q = pl.BlockSpec((None, None, None, c.block_q, c.dp), lambda b, h, i: (b, h, i, 0, 0))
@@ -253,11 +125,11 @@ def _q_block_specs(c: _Static):
     return q, row, kv, extras
 
 
-def _warps(c: _Static) -> int:
+def _warps(c: Static) -> int:
     return 4 if c.dp <= 64 else 8
 
 
-def _forward_call(c: _Static, q5, k5, v5, *extras):
+def _forward_call(c: Static, q5, k5, v5, *extras):
     """Output and log-sum-exp in `c`'s blocks; off TPU computed with blocks cut to fit shared memory."""
     if c.target == "tpu":
         return _forward_blocks(c, q5, k5, v5, *extras)
@@ -268,7 +140,7 @@ def _forward_call(c: _Static, q5, k5, v5, *extras):
     return _view(o5, c.block_q), _view(lse, c.block_q)
 
 
-def _forward_blocks(c: _Static, q5, k5, v5, *extras):
+def _forward_blocks(c: Static, q5, k5, v5, *extras):
     batch, hq = q5.shape[:2]
     q, row, kv, extra_specs = _q_block_specs(c)
     return pl.pallas_call(
@@ -286,10 +158,10 @@ def _forward_blocks(c: _Static, q5, k5, v5, *extras):
 
 # ---------------------------------------------------------------------------------------------- backward
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, c: _Static):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, c: Static):
     *ins, dq_ref = refs
     b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    ex = _Extras(c, ins, b)
+    ex = Extras(c, ins, b)
     slope = ex.slopes[h] if c.has_alibi else None
     qseg = ex.qseg[...] if c.has_segments else None
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
@@ -298,26 +170,26 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, c: _Stati
         def step(kb, dq):
             k, v = k_ref[kb], v_ref[kb]
             kseg = ex.kseg[kb] if c.has_segments else None
-            s = _logits(c, q, k, i * c.block_q, kb * c.block_k, slope, qseg, kseg, ex.prefix, masked)
+            s, t = logits(c, q, k, i * c.block_q, kb * c.block_k, slope, qseg, kseg, ex, masked)
             p = jnp.exp(s - lse)
-            ds = p * (_nt_dot(do, v) - delta)
+            ds = softcap_grad(t, p * (nt_dot(do, v) - delta))
             return dq + lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
                                         preferred_element_type=f32)
         return step
 
     dq = jnp.zeros((c.block_q, c.dp), f32)
-    full, end = _key_range(c, i, ex.prefix)
-    dq = _loop(0, full, body(False), dq)
-    if _needs_mask(c):
-        skip = (lambda kb: _overlap(qseg, ex.kseg[kb])) if c.has_segments else None
+    start, full, end = key_range(c, i, ex)
+    dq = _loop(start, full, body(False), dq)
+    if needs_mask(c):
+        skip = (lambda kb: overlap(qseg, ex.kseg[kb])) if c.has_segments else None
         dq = _loop(full, end, body(True), dq, skip)
     dq_ref[...] = (dq * c.sm_scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, c: _Static):
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, c: Static):
     *ins, dk_ref, dv_ref = refs
     b, hk, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    ex = _Extras(c, ins, b)
+    ex = Extras(c, ins, b)
     kseg = ex.kseg[...] if c.has_segments else None
     k, v = k_ref[...], v_ref[...]
 
@@ -329,18 +201,18 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, c: _Stat
                 dk, dv = carry
                 q, do = q_ref[hi, qb], do_ref[hi, qb]
                 qseg = ex.qseg[qb] if c.has_segments else None
-                s = _logits(c, q, k, qb * c.block_q, j * c.block_k, slope, qseg, kseg, ex.prefix, masked)
+                s, t = logits(c, q, k, qb * c.block_q, j * c.block_k, slope, qseg, kseg, ex, masked)
                 p = jnp.exp(s - lse_ref[hi, qb])
                 dv = dv + _tn_dot(p.astype(do.dtype), do)
-                ds = p * (_nt_dot(do, v) - delta_ref[hi, qb])
+                ds = softcap_grad(t, p * (nt_dot(do, v) - delta_ref[hi, qb]))
                 return dk + _tn_dot(ds.astype(q.dtype), q), dv
             return step
 
-        start, full = _query_range(c, j, ex.prefix)
-        if _needs_mask(c):
-            skip = (lambda qb: _overlap(ex.qseg[qb], kseg)) if c.has_segments else None
+        start, full, end = query_range(c, j, ex)
+        if needs_mask(c):
+            skip = (lambda qb: overlap(ex.qseg[qb], kseg)) if c.has_segments else None
             carry = _loop(start, full, body(True), carry, skip)
-        return _loop(full, -(-c.seq_q // c.block_q), body(False), carry)
+        return _loop(full, end, body(False), carry)
 
     zeros = jnp.zeros((c.block_k, c.dp), f32)
     dk, dv = lax.fori_loop(0, c.groups, head, (zeros, zeros))
@@ -354,8 +226,8 @@ def _view(x5, block: int):
     return x5.reshape(b, h, n * blk // block, block, w)
 
 
-def _view_extras(c: _Static, extras):
-    """Segment ids re-cut for the blocks of `c` (prefix lengths and slopes pass through)."""
+def _view_extras(c: Static, extras):
+    """Segment ids re-cut for the blocks of `c` (prefix lengths, window and slopes pass through)."""
     if not c.has_segments:
         return list(extras)
     qseg, kseg, *rest = extras
@@ -363,7 +235,7 @@ def _view_extras(c: _Static, extras):
     return [qseg.reshape(b, c.nq, c.block_q, 1), kseg.reshape(b, c.nk, 1, c.block_k), *rest]
 
 
-def _backward_call(c: _Static, q5, k5, v5, do5, lse, delta, *extras):
+def _backward_call(c: Static, q5, k5, v5, do5, lse, delta, *extras):
     """dQ, dK, dV in `c`'s blocks. Off TPU the side each kernel loops over uses short blocks (32), as Triton's
     own flash backward does, to keep the owned accumulators in registers, and the owned side is cut to fit
     shared memory (`gpu_block_cap`); TPU keeps the forward blocks."""
@@ -380,7 +252,7 @@ def _backward_call(c: _Static, q5, k5, v5, do5, lse, delta, *extras):
     return _view(dq, c.block_q), _view(dk, c.block_k), _view(dv, c.block_k)
 
 
-def _dq_call(c: _Static, q5, k5, v5, do5, lse, delta, *extras):
+def _dq_call(c: Static, q5, k5, v5, do5, lse, delta, *extras):
     batch, hq = q5.shape[:2]
     q, row, kv, extra_specs = _q_block_specs(c)
     return pl.pallas_call(
@@ -395,7 +267,7 @@ def _dq_call(c: _Static, q5, k5, v5, do5, lse, delta, *extras):
     )(q5, k5, v5, do5, lse, delta, *extras)
 
 
-def _dkv_call(c: _Static, q5, k5, v5, do5, lse, delta, *extras):
+def _dkv_call(c: Static, q5, k5, v5, do5, lse, delta, *extras):
     batch, hkv = k5.shape[:2]
     g = c.groups
     qg = pl.BlockSpec((None, g, c.nq, c.block_q, c.dp), lambda b, h, j: (b, h, 0, 0, 0))
@@ -429,12 +301,12 @@ def _from_blocks(x5, length: int, d: int):
     return x5.reshape(b, h, nb * blk, dp)[:, :, :length, :d].transpose(0, 2, 1, 3)
 
 
-def _rows(x, c: _Static):
+def _rows(x, c: Static):
     """Per-row float `[B, T, H]` -> `[B, H, nq, bq, 1]`."""
     return _to_blocks(x[..., None], c.len_q, c.block_q, 1)
 
 
-def _extras(c: _Static, prefix_len, slopes, segment_ids):
+def _extras(c: Static, prefix_len, slopes, segment_ids, window):
     out = []
     if c.has_segments:
         seg = segment_ids.astype(jnp.int32)
@@ -442,32 +314,34 @@ def _extras(c: _Static, prefix_len, slopes, segment_ids):
         out.append(common.pad_axis(seg, 1, c.len_k, -1).reshape(seg.shape[0], c.nk, 1, c.block_k))
     if c.has_prefix:
         out.append(prefix_len.astype(jnp.int32))
+    if c.has_window:
+        out.append(jnp.asarray(window, jnp.int32).reshape(1))
     if c.has_alibi:
         out.append(slopes.astype(f32))
     return out
 
 
-def _run(c: _Static, call, *args):
+def _run(c: Static, call, *args):
     return common.dispatch(lambda t: functools.partial(call, dataclasses.replace(c, target=t)), *args,
                            interpret=c.interpret)
 
 
-def _forward(c: _Static, q, k, v, prefix_len, slopes, segment_ids):
+def _forward(c: Static, q, k, v, prefix_len, slopes, segment_ids, window):
     q5 = _to_blocks(q, c.len_q, c.block_q, c.dp)
     k5 = _to_blocks(k, c.len_k, c.block_k, c.dp)
     v5 = _to_blocks(v, c.len_k, c.block_k, c.dp)
-    extras = _extras(c, prefix_len, slopes, segment_ids)
+    extras = _extras(c, prefix_len, slopes, segment_ids, window)
     o5, lse = _run(c, _forward_call, q5, k5, v5, *extras)
     return _from_blocks(o5, c.seq_q, c.head_dim), (q5, k5, v5, extras, lse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(c: _Static, q, k, v, prefix_len, slopes, segment_ids):
-    return _forward(c, q, k, v, prefix_len, slopes, segment_ids)[0]
+def _flash(c: Static, q, k, v, prefix_len, slopes, segment_ids, window):
+    return _forward(c, q, k, v, prefix_len, slopes, segment_ids, window)[0]
 
 
-def _flash_fwd(c, q, k, v, prefix_len, slopes, segment_ids):
-    out, (q5, k5, v5, extras, lse) = _forward(c, q, k, v, prefix_len, slopes, segment_ids)
+def _flash_fwd(c, q, k, v, prefix_len, slopes, segment_ids, window):
+    out, (q5, k5, v5, extras, lse) = _forward(c, q, k, v, prefix_len, slopes, segment_ids, window)
     return out, (q5, k5, v5, extras, lse, out)
 
 
@@ -477,31 +351,35 @@ def _flash_bwd(c, res, dout):
     do5 = _to_blocks(dout, c.len_q, c.block_q, c.dp)
     dq5, dk5, dv5 = _run(c, _backward_call, q5, k5, v5, do5, lse, _rows(delta, c), *extras)
     return (_from_blocks(dq5, c.seq_q, c.head_dim), _from_blocks(dk5, c.seq_k, c.head_dim),
-            _from_blocks(dv5, c.seq_k, c.head_dim), None, None, None)
+            _from_blocks(dv5, c.seq_k, c.head_dim), None, None, None, None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def flash_attention(q, k, v, *, causal: bool = True, prefix_len=None, alibi_slopes=None, segment_ids=None,
-                    sm_scale: Optional[float] = None, block_q: int = 128, block_k: int = 128, interpret=None):
+                    sm_scale: Optional[float] = None, window=None, softcap: Optional[float] = None,
+                    block_q: int = 128, block_k: int = 128, interpret=None):
     """Pallas flash attention `[B, T, Hq, D] x [B, S, Hkv, D] -> [B, T, Hq, D]`, differentiable in q, k, v.
 
-    Same arguments and results as `reference.flash_attention`; block_q / block_k (powers of two >= 16) are
-    upper bounds, shrunk for short sequences. Rows that can see no key at all give zeros.
+    Same arguments and results as `reference.flash_attention` (window may be traced; softcap is static);
+    block_q / block_k (powers of two >= 16) are upper bounds, shrunk for short sequences. Rows that can see
+    no key at all give zeros.
     """
-    _check(q, k, v, prefix_len, alibi_slopes, segment_ids)
+    _check(q, k, v, prefix_len, alibi_slopes, segment_ids, window, causal)
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
     bq, bk = common.tile(t, block_q, "block_q"), common.tile(s, block_k, "block_k")
-    c = _Static(causal=bool(causal), sm_scale=float(d ** -0.5 if sm_scale is None else sm_scale), block_q=bq,
-                block_k=bk, seq_q=t, seq_k=s, len_q=common.round_up(t, bq), len_k=common.round_up(s, bk),
-                head_dim=d, groups=hq // hkv, has_prefix=bool(causal) and prefix_len is not None,
-                has_alibi=alibi_slopes is not None, has_segments=segment_ids is not None, interpret=interpret)
-    return _flash(c, q, k, v, prefix_len, alibi_slopes, segment_ids)
+    c = Static(causal=bool(causal), sm_scale=float(d ** -0.5 if sm_scale is None else sm_scale), block_q=bq,
+               block_k=bk, seq_q=t, seq_k=s, len_q=common.round_up(t, bq), len_k=common.round_up(s, bk),
+               head_dim=d, groups=hq // hkv, has_prefix=bool(causal) and prefix_len is not None,
+               has_alibi=alibi_slopes is not None, has_segments=segment_ids is not None,
+               has_window=window is not None, softcap=None if softcap is None else float(softcap),
+               interpret=interpret)
+    return _flash(c, q, k, v, prefix_len, alibi_slopes, segment_ids, window)
 
 
-def _check(q, k, v, prefix_len, slopes, segment_ids):
+def _check(q, k, v, prefix_len, slopes, segment_ids, window, causal):
     where = "lm.kernels.flash_attention"
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
         raise ValueError(f"{where}: want q [B, T, Hq, D] and k, v [B, S, Hkv, D]; got q {q.shape}, "
@@ -518,3 +396,7 @@ def _check(q, k, v, prefix_len, slopes, segment_ids):
     if segment_ids is not None and (segment_ids.shape != (b, t) or k.shape[1] != t):
         raise ValueError(f"{where}: segment_ids must be [B, T]={(b, t)} with S == T; got {segment_ids.shape}, "
                          f"S={k.shape[1]}")
+    if window is not None and jnp.ndim(window) != 0:
+        raise ValueError(f"{where}: window must be a scalar (int or int32 []), got shape {jnp.shape(window)}")
+    if window is not None and causal and prefix_len is not None:
+        raise ValueError(f"{where}: a sliding window with a prefix-LM prefix_len is not supported")

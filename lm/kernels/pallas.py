@@ -3,8 +3,8 @@
 Importing this module registers it with `lm.kernels` (done lazily the first time "pallas" is asked for).
 `interpret=None` runs interpret mode on CPU and the compiled kernel on TPU/GPU. Under a mesh
 (`jax.set_mesh`), each kernel runs inside `jax.shard_map`: batch over the mesh axes "data" and "fsdp",
-heads over "tensor" (whichever of them the mesh has and that divide the sizes; the rest is replicated),
-so every device runs the kernel on its own rows and heads with no communication.
+heads over "tensor" (whichever of them the mesh has and that divide the sizes; the rest, such as a sliding
+window, is replicated), so every device runs the kernel on its own rows and heads with no communication.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import sys
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from lm import kernels
@@ -54,28 +55,36 @@ def _sharded(fn, args: dict, specs: dict, out_spec: tuple, batch: int, heads: tu
                          check_vma=False)(args)
 
 
-def flash_attention(q, k, v, *, causal: bool = True, prefix_len=None, alibi_slopes=None, segment_ids=None,
-                    sm_scale: Optional[float] = None, block_q: int = 128, block_k: int = 128, interpret=None):
-    """Flash attention kernel (forward and backward); see `reference.flash_attention` for the arguments."""
-    def fn(q, k, v, prefix_len=None, alibi_slopes=None, segment_ids=None):
-        return flash.flash_attention(q, k, v, causal=causal, prefix_len=prefix_len, alibi_slopes=alibi_slopes,
-                                     segment_ids=segment_ids, sm_scale=sm_scale, block_q=block_q,
-                                     block_k=block_k, interpret=interpret)
+def _scalar(window):
+    """A Python-int window as an int32 array, so shard_map can take it as a replicated input."""
+    return None if window is None else jnp.asarray(window, jnp.int32)
 
-    args = dict(q=q, k=k, v=v, prefix_len=prefix_len, alibi_slopes=alibi_slopes, segment_ids=segment_ids)
-    specs = dict(q="b.h.", k="b.h.", v="b.h.", prefix_len="b", alibi_slopes="h", segment_ids="b.")
+
+def flash_attention(q, k, v, *, causal: bool = True, prefix_len=None, alibi_slopes=None, segment_ids=None,
+                    sm_scale: Optional[float] = None, window=None, softcap: Optional[float] = None,
+                    block_q: int = 128, block_k: int = 128, interpret=None):
+    """Flash attention kernel (forward and backward); see `reference.flash_attention` for the arguments."""
+    def fn(q, k, v, prefix_len=None, alibi_slopes=None, segment_ids=None, window=None):
+        return flash.flash_attention(q, k, v, causal=causal, prefix_len=prefix_len, alibi_slopes=alibi_slopes,
+                                     segment_ids=segment_ids, sm_scale=sm_scale, window=window, softcap=softcap,
+                                     block_q=block_q, block_k=block_k, interpret=interpret)
+
+    args = dict(q=q, k=k, v=v, prefix_len=prefix_len, alibi_slopes=alibi_slopes, segment_ids=segment_ids,
+                window=_scalar(window))
+    specs = dict(q="b.h.", k="b.h.", v="b.h.", prefix_len="b", alibi_slopes="h", segment_ids="b.", window="")
     return _sharded(fn, args, specs, "b.h.", q.shape[0], (q.shape[2], k.shape[2]))
 
 
 def decode_attention(q, k_cache, v_cache, lengths, *, alibi_slopes=None, sm_scale: Optional[float] = None,
-                     block_k: int = 128, interpret=None):
+                     window=None, softcap: Optional[float] = None, block_k: int = 128, interpret=None):
     """Split-K decode attention kernel; see `reference.decode_attention` for the arguments."""
-    def fn(q, k_cache, v_cache, lengths, alibi_slopes=None):
+    def fn(q, k_cache, v_cache, lengths, alibi_slopes=None, window=None):
         return decode.decode_attention(q, k_cache, v_cache, lengths, alibi_slopes=alibi_slopes, sm_scale=sm_scale,
-                                       block_k=block_k, interpret=interpret)
+                                       window=window, softcap=softcap, block_k=block_k, interpret=interpret)
 
-    args = dict(q=q, k_cache=k_cache, v_cache=v_cache, lengths=lengths, alibi_slopes=alibi_slopes)
-    specs = dict(q="bh.", k_cache="b.h.", v_cache="b.h.", lengths="b", alibi_slopes="h")
+    args = dict(q=q, k_cache=k_cache, v_cache=v_cache, lengths=lengths, alibi_slopes=alibi_slopes,
+                window=_scalar(window))
+    specs = dict(q="bh.", k_cache="b.h.", v_cache="b.h.", lengths="b", alibi_slopes="h", window="")
     return _sharded(fn, args, specs, "bh.", q.shape[0], (q.shape[1], k_cache.shape[2]))
 
 

@@ -1,4 +1,5 @@
-"""Pallas decode attention (interpret mode) against the reference: GQA, ALiBi, per-row lengths, both layouts."""
+"""Pallas decode attention (interpret mode) against the reference: GQA, ALiBi, per-row lengths, both layouts,
+sliding windows and logit soft-capping."""
 import functools
 
 import jax
@@ -57,9 +58,45 @@ def test_stops_at_each_rows_length_and_bfloat16():
     assert _max_err(got, _ref(q, k, v, lengths)) <= 2e-2
 
 
+@pytest.mark.parametrize("heads_per_program", [1, 2])
+def test_window_and_softcap(heads_per_program):
+    """Rows shorter than the window (1, 10), longer (37, 64); the window traced as the layer scan passes it;
+    q * 8 gives logits a cap of 5 bends. Both program layouts (one or all K/V heads per program)."""
+    q, k, v = _inputs(5, 4, 64, 4, 2, 16)
+    q = 8 * q
+    lengths = jnp.array([1, 64, 37, 10], jnp.int32)
+    slopes = reference.alibi_slopes(4)
+
+    @jax.jit
+    def both(window):
+        kw = dict(alibi_slopes=slopes, window=window, softcap=5.0)
+        got = decode.decode_attention(q, k, v, lengths, block_k=16, interpret=True,
+                                      heads_per_program=heads_per_program, **kw)
+        return got, reference.decode_attention(q, k, v, lengths, **kw)
+
+    got, want = both(jnp.int32(13))
+    assert _max_err(got, want) <= 1e-5
+    plain = _ref(q, k, v, lengths, alibi_slopes=slopes, window=13)
+    assert _max_err(want, plain) > 0.1  # the cap changed the result
+
+
+def test_skips_cache_tiles_before_the_window():
+    """With window 13 the rows of lengths 40 and 64 see keys from 27 and 51 on: tiles of 16 wholly before
+    those (NaNs there) are never read."""
+    q, k, v = _inputs(6, 2, 64, 4, 2, 16)
+    lengths = jnp.array([40, 64], jnp.int32)
+    poison = jnp.arange(64)[None, :, None, None] < jnp.array([16, 48])[:, None, None, None]
+    run = jax.jit(functools.partial(pallas.decode_attention, window=13, block_k=16, interpret=True))
+    got = run(q, jnp.where(poison, jnp.nan, k), jnp.where(poison, jnp.nan, v), lengths)
+    assert _max_err(got, _ref(q, k, v, lengths, window=13)) <= 1e-5
+
+
 def test_bad_inputs_name_the_problem():
     q, k, v = _inputs(4, 2, 32, 4, 2, 16)
     with pytest.raises(ValueError, match="lengths must be"):
         pallas.decode_attention(q, k, v, jnp.ones((3,), jnp.int32), interpret=True)
     with pytest.raises(ValueError, match="dtypes differ"):
         pallas.decode_attention(q, k.astype(jnp.bfloat16), v, jnp.ones((2,), jnp.int32), interpret=True)
+    with pytest.raises(ValueError, match="window must be a scalar"):
+        pallas.decode_attention(q, k, v, jnp.ones((2,), jnp.int32), window=jnp.ones((2,), jnp.int32),
+                                interpret=True)

@@ -22,6 +22,17 @@ def _flash_grad(q, k, v, prefix_len, slopes, segment_ids):
     return out, vjp(out)
 
 
+def _flash_window_grad(q, k, v, window, segment_ids):
+    """Mistral/Gemma2 attention: a traced per-layer window and soft-capped logits, on packed rows."""
+    fn = functools.partial(pallas.flash_attention, window=window, softcap=50.0, segment_ids=segment_ids)
+    out, vjp = jax.vjp(fn, q, k, v)
+    return out, vjp(out)
+
+
+def _decode_window(q, k, v, lengths, window):
+    return pallas.decode_attention(q, k, v, lengths, window=window, softcap=50.0)
+
+
 def _rope_grad(x, positions):
     fn = functools.partial(pallas.rope, rotary_dim=64, interleaved=True)
     out, vjp = jax.vjp(lambda x: fn(x, positions), x)
@@ -35,7 +46,14 @@ CASES = {
                (SDS((B, HQ, D), BF16), SDS((B, S, HKV, D), BF16), SDS((B, S, HKV, D), BF16), SDS((B,), I32),
                 SDS((HQ,), F32))),
     "rope_fwd_bwd": (_rope_grad, (SDS((B, T, HQ, D), BF16), SDS((B, T, 2), I32))),
+    "flash_window_softcap_fwd_bwd": (_flash_window_grad, (SDS((B, T, HQ, D), BF16), SDS((B, T, HKV, D), BF16),
+                                                          SDS((B, T, HKV, D), BF16), SDS((), I32), SDS((B, T), I32))),
+    "decode_window_softcap": (_decode_window, (SDS((B, HQ, D), BF16), SDS((B, S, HKV, D), BF16),
+                                               SDS((B, S, HKV, D), BF16), SDS((B,), I32), SDS((), I32))),
 }
+# Kernel calls per case: fwd, dq, dkv / decode / fwd, bwd.
+N_CALLS = {"flash_fwd_bwd": 3, "flash_window_softcap_fwd_bwd": 3, "decode": 1, "decode_window_softcap": 1,
+           "rope_fwd_bwd": 2}
 # What a compiled (not interpreted) Pallas kernel becomes in each platform's module.
 KERNEL_CALL = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
 
@@ -48,8 +66,7 @@ def test_lowers_for_device(case, platform):
     checks = [export.DisabledSafetyCheck.custom_call(KERNEL_CALL["cuda"])]
     exported = export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args)
     text = exported.mlir_module()
-    expected = {"flash_fwd_bwd": 3, "decode": 1, "rope_fwd_bwd": 2}[case]  # fwd, dq, dkv / decode / fwd, bwd
-    assert text.count(f"@{KERNEL_CALL[platform]}(") == expected
+    assert text.count(f"@{KERNEL_CALL[platform]}(") == N_CALLS[case]
 
 
 on_device = pytest.mark.skipif(jax.default_backend() not in ("gpu", "tpu"), reason="needs a GPU or TPU")

@@ -24,15 +24,18 @@ def _inputs():
     return [jnp.asarray(a, jnp.float32) for a in arrays]
 
 
-def _all(q, k, v, w, prefix_len, positions, lengths):
-    """Flash forward + dq/dk/dv, RoPE, decode: every kernel once."""
+def _all(q, k, v, w, prefix_len, positions, lengths, window):
+    """Flash forward + dq/dk/dv, RoPE, decode: every kernel once; then flash forward and decode again with a
+    sliding window (a replicated int32 scalar) and soft-capped logits."""
     slopes = reference.alibi_slopes(HQ)
     flash = functools.partial(pallas.flash_attention, prefix_len=prefix_len, alibi_slopes=slopes, block_q=16,
                               block_k=16)
     out, vjp = jax.vjp(flash, q, k, v)
     rot = pallas.rope(q, positions)
     dec = pallas.decode_attention(q[:, 0], k, v, lengths, alibi_slopes=slopes, block_k=16)
-    return out, vjp(w), rot, dec
+    local = pallas.flash_attention(q, k, v, window=window, softcap=2.0, block_q=16, block_k=16)
+    local_dec = pallas.decode_attention(q[:, 0], k, v, lengths, window=window, softcap=2.0, block_k=16)
+    return out, vjp(w), rot, dec, local, local_dec
 
 
 def test_sharded_kernels_match_one_device():
@@ -40,7 +43,8 @@ def test_sharded_kernels_match_one_device():
     prefix_len = jnp.array([3, 0, 11, 24], jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)) + 7
     lengths = jnp.array([1, 24, 9, 16], jnp.int32)
-    args = (q, k, v, w, prefix_len, positions, lengths)
+    window = jnp.int32(5)
+    args = (q, k, v, w, prefix_len, positions, lengths, window)
     want = jax.jit(_all)(*args)
 
     mesh = _mesh()
@@ -48,7 +52,8 @@ def test_sharded_kernels_match_one_device():
         heads = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
         rows = NamedSharding(mesh, P(("data", "fsdp")))
         placed = [jax.device_put(x, heads) for x in (q, k, v, w)]
-        placed += [jax.device_put(prefix_len, rows), jax.device_put(positions, rows), jax.device_put(lengths, rows)]
+        placed += [jax.device_put(prefix_len, rows), jax.device_put(positions, rows), jax.device_put(lengths, rows),
+                   window]
         sharded = jax.jit(_all)
         hlo = sharded.lower(*placed).as_text()
         got = sharded(*placed)

@@ -1,4 +1,4 @@
-"""Pallas RoPE (interpret mode) against the reference for every convention, and its gradient."""
+"""Pallas RoPE (interpret mode) against the reference for every convention and scaling kind, and its gradient."""
 import functools
 
 import jax
@@ -42,6 +42,29 @@ def test_matches_reference_and_gradient(two_d, interleaved, rotary_dim):
     assert float(jnp.max(jnp.abs(grad - want_grad))) <= 1e-5
     if rotary_dim:  # dims past rotary_dim pass through untouched
         np.testing.assert_array_equal(out[..., rotary_dim:], x[..., rotary_dim:])
+
+
+@pytest.mark.parametrize("scaling", [
+    reference.RopeScaling("llama3", 8.0, 32, 1.0, 4.0),  # Llama 3.x: low frequencies slowed, a smooth band
+    reference.RopeScaling("linear", 4.0),  # position interpolation
+    reference.RopeScaling("yarn", 4.0, 32),  # ramp between interpolation and extrapolation, attention factor
+], ids=lambda s: s.kind)
+def test_scaled_rope_matches_reference_and_gradient(scaling):
+    x, pos, w = _data(False)
+
+    @jax.jit
+    def both(x):
+        kernel = functools.partial(pallas.rope, interpret=True, scaling=scaling)
+        ref = functools.partial(reference.rope, scaling=scaling)
+        return [(fn(x, pos), jax.grad(lambda x: jnp.sum(fn(x, pos) * w))(x)) for fn in (kernel, ref)]
+
+    (out, grad), (want, want_grad) = both(x)
+    assert float(jnp.max(jnp.abs(out - want))) <= 1e-5
+    assert float(jnp.max(jnp.abs(grad - want_grad))) <= 1e-5
+    assert float(jnp.max(jnp.abs(out - jax.jit(reference.rope)(x, pos)))) > 0.1  # the scaling changed the angles
+    # A rotation keeps each pair's norm; yarn scales cos and sin by 0.1 * ln(factor) + 1.
+    gain = 0.1 * np.log(4.0) + 1.0 if scaling.kind == "yarn" else 1.0
+    np.testing.assert_allclose(jnp.linalg.norm(out, axis=-1), gain * jnp.linalg.norm(x, axis=-1), rtol=1e-5)
 
 
 def test_bfloat16():
