@@ -4,12 +4,16 @@ by transformers, of the Pallas kernels (interpret mode on CPU) against the XLA p
 `lm.generate` gives HF `generate`'s tokens. Sequences are longer than every sliding window and every scaled
 RoPE's original context. The configs are the parity tests' (tests/lm/test_hf*.py).
 
-    .venv/bin/python bench/families.py            # prints a markdown table (~3 min on 2 cores)
+    .venv/bin/python bench/families.py            # prints a markdown table (~2 min on 2 cores)
+    .venv/bin/python bench/families.py --stages   # and every stage's step on every tiny family preset, one
+                                                  # device against an 8-device mesh (~7 min more)
 """
 from __future__ import annotations
 
+import argparse
 import os
 import pathlib
+import time
 import sys
 import tempfile
 
@@ -27,6 +31,7 @@ tr.utils.logging.disable_progress_bar()
 import hf_refs  # noqa: E402
 import test_hf  # noqa: E402
 import test_hf_llama_family as llama_family  # noqa: E402
+import test_families  # noqa: E402
 import test_hf_more_families as more_families  # noqa: E402
 from lm import generation, hf  # noqa: E402
 
@@ -69,7 +74,20 @@ def measure(arch, config, length, export_arch, tmp):
     return load_err, export_err, pallas_err, same
 
 
+def stages():
+    """`tests/test_families.check_family` on every tiny family preset (it raises on a mismatch)."""
+    print("\n| preset | pretrain/SFT, reward, DPO steps and a PPO iteration, 1 device vs (2, 2, 2) | seconds |")
+    print("| --- | --- | --- |")
+    for name in test_families.FAMILIES:
+        start = time.perf_counter()
+        test_families.check_family(name)
+        print(f"| {name} | finite, equal | {time.perf_counter() - start:.0f} |", flush=True)
+
+
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--stages", action="store_true", help="also run every stage on every tiny family preset")
+    args = ap.parse_args()
     print("| case | architecture | load vs transformers | export reloaded | Pallas vs XLA | greedy rows equal |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, arch, config, length, export_arch in cases():
@@ -77,6 +95,8 @@ def main():
             load_err, export_err, pallas_err, same = measure(arch, config, length, export_arch, pathlib.Path(tmp))
         print(f"| {name} | {arch} | {load_err:.1e} | {export_err:.1e} | {pallas_err:.1e} | {same}/{len(PROMPTS)} |",
               flush=True)
+    if args.stages:
+        stages()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
-"""Every stage's step runs on every tiny family preset, and gives the same losses and updated weights on one
-device and on an 8-device (2, 2, 2) mesh: pretraining/SFT (the LM loss under a response mask), the K-wise
-reward model, DPO against a frozen reference, and a PPO iteration (KV-cache rollout, then learn)."""
+"""Every stage's step runs on the tiny family presets and gives the same losses and updated weights on one device
+and on an 8-device (2, 2, 2) mesh: pretraining/SFT (the LM loss under a response mask), the K-wise reward
+model, DPO against a frozen reference, and a PPO iteration (KV-cache rollout, then learn).
+
+The suite runs the families that between them use every newer `ModelConfig` field (~40 s each on 2 cores);
+`python bench/families.py --stages` runs the same check on all of them."""
 import functools
 
 import jax
@@ -15,6 +18,10 @@ from rl import ppo_step as pt
 
 FAMILIES = ["llama3-tiny", "qwen2-tiny", "qwen3-tiny", "mistral-tiny", "gemma2-tiny", "gemma3-tiny", "phi3-tiny",
             "neox-tiny", "opt-tiny", "chatglm2-tiny"]
+# Gemma3: (1 + w) norms before and after each sub-layer, embedding scale, q/k norms, local/global windows with
+# their own RoPE bases, query scale; NeoX: parallel residual, partial rotary, LayerNorm; OPT: ReLU, learned
+# positions with an offset; ChatGLM2: interleaved RoPE on half of each head, 2 K/V groups, qkv bias only.
+IN_SUITE = ["gemma3-tiny", "neox-tiny", "opt-tiny", "chatglm2-tiny"]
 B, K, T = 8, 2, 24  # T is longer than the tiny presets' 16-token sliding windows
 TX = optax.sgd(0.5)  # linear in the gradient, so layouts compare tightly
 HP = pt.PPOConfig(response_length=6, epochs=1, mini_batches=2)
@@ -71,8 +78,8 @@ def _close_trees(a, b, what):
         np.testing.assert_allclose(x, y, atol=2e-5, err_msg=f"{what} {jax.tree_util.keystr(path)}")
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_every_stage_same_on_one_device_and_a_mesh(name):
+def check_family(name):
+    """Run every stage's step on preset `name` on one device and on the 8-device mesh and compare them."""
     cfg = _cfg(name)
     lm_batch, pref = _batches(cfg)
     ref_logps = np.asarray(jax.jit(lambda p, *a: dpo.sequence_logprobs(cfg, p, *a))(
@@ -99,3 +106,8 @@ def test_every_stage_same_on_one_device_and_a_mesh(name):
         assert np.isfinite(m1[k]), (k, m1[k])
         np.testing.assert_allclose(m8[k], m1[k], rtol=1e-4, atol=1e-6, err_msg=k)
     _close_trees(p1, p8, "ppo")
+
+
+@pytest.mark.parametrize("name", IN_SUITE)
+def test_every_stage_same_on_one_device_and_a_mesh(name):
+    check_family(name)
