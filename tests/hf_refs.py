@@ -41,6 +41,19 @@ def random_params(cfg, seed=0):
     return jax.tree.map(lambda s: rng.normal(0, 0.2, s.shape).astype(np.float32), shapes)
 
 
+def check_greedy(model, path, prompts, n):
+    """Save `model` to `path`, load it with `lm.hf.load`, and assert `lm.generate`'s greedy tokens after each
+    prompt equal HF `generate`'s (no eos, so both produce `n` tokens)."""
+    from lm import generation, hf
+
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(path)
+    cfg, params = hf.load(path)
+    for prompt, got in zip(prompts, generation.generate(cfg, params, prompts, n)):
+        assert got == hf_greedy(model, prompt, n), prompt
+
+
 def hf_greedy(model, prompt, n):
     """`n` greedy tokens of an HF model after `prompt` (a list of ids)."""
     with torch.no_grad():

@@ -13,7 +13,7 @@ import transformers as tr
 from safetensors import safe_open
 
 import lm
-from hf_refs import V, hf_greedy, hf_logits, our_logits, random_params, tokens
+from hf_refs import V, check_greedy, hf_logits, our_logits, random_params, tokens
 import hf_refs
 from lm import hf, hf_arch
 
@@ -225,14 +225,4 @@ def test_save_rejects_what_the_architecture_cannot_express(tmp_path):
 
 @pytest.mark.parametrize("name", ["llama_gqa", "bloom"])
 def test_greedy_generate_matches_hf(name, tmp_path):
-    from lm.generation import generate
-
-    model = hf_model(name, seed=4, std=0.3)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    model.save_pretrained(tmp_path)
-    cfg, params = hf.load(tmp_path)
-    prompts = [[5, 17, 3], [9, 1, 60, 22, 7, 44, 80], [31]]
-    ours = generate(cfg, params, prompts, 8)
-    for prompt, got in zip(prompts, ours):
-        assert got == hf_greedy(model, prompt, 8)
+    check_greedy(hf_model(name, seed=4, std=0.3), tmp_path, [[5, 17, 3], [9, 1, 60, 22, 7, 44, 80], [31]], 8)

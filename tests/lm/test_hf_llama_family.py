@@ -16,7 +16,7 @@ import torch
 import transformers as tr
 
 import lm
-from hf_refs import V, hf_greedy, hf_logits, hf_model, our_logits, random_params, tokens
+from hf_refs import V, check_greedy, hf_logits, hf_model, our_logits, random_params, tokens
 from lm import hf, hf_arch
 from lm.model import Transformer, init_cache
 
@@ -134,17 +134,9 @@ def test_class_defaults_for_absent_keys():
 
 @pytest.mark.parametrize("name", ["mistral_window", "llama3_scaled"])
 def test_greedy_generate_matches_hf_past_window_and_original_context(name, tmp_path):
-    from lm.generation import generate
-
-    model = hf_model(CASES[name][1](), seed=4, std=0.3)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    model.save_pretrained(tmp_path)
-    cfg, params = hf.load(tmp_path)
     prompts = [[5, 17, 3], [9, 1, 60, 22, 7, 44, 80, 12, 33, 2], [31]]
-    ours = generate(cfg, params, prompts, 20)  # up to 30 tokens: past the window (8) and original context (24)
-    for prompt, got in zip(prompts, ours):
-        assert got == hf_greedy(model, prompt, 20)
+    # Up to 30 tokens: past the window (8) and the original context (24).
+    check_greedy(hf_model(CASES[name][1](), seed=4, std=0.3), tmp_path, prompts, 20)
 
 
 @pytest.mark.parametrize("name", ["mistral_window", "qwen3_window", "llama3_scaled", "phi3_window"])

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 import hf_refs
 import lm
-from hf_refs import V, hf_greedy, hf_logits, our_logits, random_params, tokens
+from hf_refs import V, check_greedy, hf_logits, our_logits, random_params, tokens
 from lm import hf, hf_arch
 
 _NO_IDS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
@@ -164,17 +164,8 @@ def test_gemma2_preset_save_matches_transformers(tmp_path):
 
 @pytest.mark.parametrize("name", ["gemma2_gqa", "neox_parallel", "opt"])
 def test_greedy_generate_matches_hf(name, tmp_path):
-    from lm.generation import generate
-
-    model = hf_model(name, seed=4, std=0.3)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    model.save_pretrained(tmp_path)
-    cfg, params = hf.load(tmp_path)
-    prompts = [[5, 17, 3, 9, 1, 60], [31]]
-    ours = generate(cfg, params, prompts, 12)  # 6 + 12 positions: past Gemma2's window of 8
-    for prompt, got in zip(prompts, ours):
-        assert got == hf_greedy(model, prompt, 12)
+    # 6 + 12 positions: past Gemma2's window of 8.
+    check_greedy(hf_model(name, seed=4, std=0.3), tmp_path, [[5, 17, 3, 9, 1, 60], [31]], 12)
 
 
 def test_gemma2_kv_cache_decode_matches_full_forward(tmp_path):
