@@ -252,7 +252,8 @@ def save(cfg: ModelConfig, params, path, *, architecture: Optional[str] = None,
     if n > 1:
         index = {"metadata": {"total_size": sum(e[3] for e in entries)}, "weight_map": weight_map}
         (path / INDEX).write_text(json.dumps(index, indent=2))
-    hf.update(bos_token_id=None, eos_token_id=None, pad_token_id=None, **(extra_config or {}))
+    hf.update({"bos_token_id": None, "eos_token_id": None, "pad_token_id": None})
+    hf.update(extra_config or {})  # after the defaults, so given token ids replace the nulls
     hf["dtype"] = _dtype_name(_get(params, "embed/embedding").dtype)
     (path / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
     return path

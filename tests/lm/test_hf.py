@@ -226,3 +226,10 @@ def test_save_rejects_what_the_architecture_cannot_express(tmp_path):
 @pytest.mark.parametrize("name", ["llama_gqa", "bloom"])
 def test_greedy_generate_matches_hf(name, tmp_path):
     check_greedy(hf_model(name, seed=4, std=0.3), tmp_path, [[5, 17, 3], [9, 1, 60, 22, 7, 44, 80], [31]], 8)
+
+
+def test_save_extra_config_sets_token_ids(tmp_path):
+    cfg = lm.presets.get("llama-tiny")
+    hf.save(cfg, random_params(cfg), tmp_path, extra_config={"bos_token_id": 1, "eos_token_id": 2})
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, None)
