@@ -17,6 +17,8 @@ setup(
         "ml_collections>=0.1.1,<2",
         "absl-py>=2.0",
         "sentencepiece>=0.2.0,<0.3",
+        "tokenizers>=0.20,<1",  # Hugging Face tokenizer.json files (lm.tokenizers)
+        "jinja2>=3.1.6",  # checkpoints' chat templates, rendered sandboxed as transformers does
         "tensorflow-datasets>=4.9.6,<5",
         "array_record>=0.5.0",
         "grain>=0.2.2,<0.3",

@@ -1,0 +1,412 @@
+"""Any tokenizer a checkpoint ships with, behind one small interface, and chat templates rendered as HF does.
+
+`load(path)` picks the backend from what `path` holds:
+  - a directory with `tokenizer.json` -> `HFTokenizer` (the `tokenizers` library, special tokens from
+    `tokenizer_config.json` / `special_tokens_map.json`, chat template from `chat_template.jinja` or the config);
+  - a SentencePiece model trained by this project (a run directory's `tokenizer.model`, or such a `.model`
+    file, with no `tokenizer_config.json` beside it) -> `ProjectTokenizer`, i.e. `lm.tokenizer.Tokenizer` plus
+    the project chat template;
+  - any other SentencePiece model (a `.model` file, or a directory with `tokenizer.model` and optionally
+    `tokenizer_config.json`) -> `SentencePieceTokenizer`.
+
+Every backend has `encode(text)` (no bos/eos added; in the new backends special-token strings in the text
+map to their ids, as `tokenizers` does with `add_special_tokens=False`), `decode(ids)`, `vocab_size` and
+`bos_id` / `eos_id` / `pad_id` / `unk_id`. Ids are None where the checkpoint genuinely has no such token
+(GPT-NeoX has no bos); a checkpoint without a pad token uses pad = eos (`pad_is_eos` is then True), the
+convention of most RLHF code, since padding is masked out anyway.
+
+Assistant mask rule (`apply_chat_template(..., return_assistant_mask=True)`): a token gets 1.0 when its
+character span overlaps the rendered content of an assistant message, or the special token that the template
+puts right after that content (the end of turn: `<|im_end|>`, `<|eot_id|>`, eos); everything else gets 0.0.
+Each content's position is found by rendering the conversation once more with that content replaced by a
+sentinel, so headers or other messages that happen to contain the same text cannot be mistaken for it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from typing import Mapping, Optional, Protocol, Sequence
+
+import jinja2
+import jinja2.ext
+import sentencepiece as spm
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from lm import tokenizer as project
+
+CONFIG, SPECIAL_MAP, TEMPLATE_FILE = "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"
+TOKENIZER_JSON, SP_MODEL = "tokenizer.json", "tokenizer.model"
+SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+# The project's own format (lm/data/chat.py): bos, then per message its role token and text, eos after each
+# assistant reply; a generation prompt ends with `<|assistant|>`.
+PROJECT_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('role ' ~ message['role'] ~ ' is not one of system, user, assistant') }}{% endif %}"
+    "{% if message['role'] == 'system' and not loop.first %}"
+    "{{ raise_exception('a system message may only come first') }}{% endif %}"
+    "{{ '<|' ~ message['role'] ~ '|>' }}{{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+_SENTINEL = "\uE000lm-content\uE001"  # private-use characters: never in a template or a real message
+
+
+class TokenizerLike(Protocol):
+    """What every backend returned by `load` offers."""
+
+    vocab_size: int
+    bos_id: Optional[int]
+    eos_id: Optional[int]
+    pad_id: Optional[int]
+    unk_id: Optional[int]
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+# ---------------------------------------------------------------------------------------------- templates
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask markup) renders its body as is."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # Jinja's own tojson escapes HTML characters; transformers overrides it the same way.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def compile_chat_template(source: str) -> jinja2.Template:
+    """A chat template compiled as transformers compiles it: sandboxed, `trim_blocks`, `lstrip_blocks`, with
+    `raise_exception`, `strftime_now` and a non-escaping `tojson`."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+def _overlaps(s: int, e: int, start: int, end: int) -> bool:
+    """Whether the token at characters [s, e) falls in [start, end); a zero-width token (SentencePiece's
+    dummy-prefix piece, the leading bytes of a byte-fallback character) by its position."""
+    return start <= s < end if s == e else s < end and e > start
+
+
+class ChatTemplateMixin:
+    """`apply_chat_template` for a backend that sets `chat_template` (a Jinja string or None) and provides
+    `_template_tokens()` (name -> token string passed to the template), `_special_strings()` and
+    `_encode_with_offsets(text) -> (ids, [(start, end)] character spans)`."""
+
+    chat_template: Optional[str] = None
+
+    def render_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = False) -> str:
+        """The template applied to `messages`, as text (special tokens appear as their strings)."""
+        if not self.chat_template:
+            raise ValueError(f"tokenizer {getattr(self, 'path', '')} has no chat template "
+                             f"(expected `chat_template` in {CONFIG} or a {TEMPLATE_FILE} file)")
+        if not hasattr(self, "_compiled_template"):
+            self._compiled_template = compile_chat_template(self.chat_template)
+        return self._compiled_template.render(messages=[dict(m) for m in messages],
+                                              add_generation_prompt=add_generation_prompt,
+                                              **self._template_tokens())
+
+    def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = False,
+                            return_assistant_mask: bool = False):
+        """Ids of the rendered conversation, encoded as `transformers` does (`add_special_tokens=False`,
+        special-token strings in the text map to their ids).
+
+        Returns `ids` (list[int]), or `(ids, mask)` with `return_assistant_mask`: mask (list[float], one per id)
+        is 1.0 on the tokens of each assistant message's content and on the end-of-turn special token right
+        after it (see the module docstring), 0.0 elsewhere.
+        """
+        text = self.render_chat_template(messages, add_generation_prompt)
+        ids, offsets = self._encode_with_offsets(text)
+        if not return_assistant_mask:
+            return ids
+        spans = [self._assistant_span(messages, i, text, add_generation_prompt)
+                 for i, m in enumerate(messages) if m.get("role") == "assistant"]
+        mask = [1.0 if any(_overlaps(s, e, start, end) for start, end in spans) else 0.0 for s, e in offsets]
+        return ids, mask
+
+    def _assistant_span(self, messages, i, text, add_generation_prompt) -> tuple[int, int]:
+        marked = [dict(m) for m in messages]
+        marked[i]["content"] = _SENTINEL
+        start = self.render_chat_template(marked, add_generation_prompt).find(_SENTINEL)
+        content = messages[i].get("content")
+        if start < 0 or not isinstance(content, str):
+            raise ValueError(f"message {i}: the chat template does not render the assistant content as text")
+        for rendered in (content, content.strip(), content.lstrip(), content.rstrip()):
+            if text.startswith(rendered, start):
+                end = start + len(rendered)
+                break
+        else:
+            raise ValueError(f"message {i}: the chat template changes the assistant content; cannot mask it")
+        end_of_turn = [s for s in self._special_strings() if s and text.startswith(s, end)]
+        return start, end + max(map(len, end_of_turn), default=0)
+
+
+# ------------------------------------------------------------------------------------- Hugging Face backend
+
+def _token_string(value) -> Optional[str]:
+    """A special token as written in tokenizer_config.json / special_tokens_map.json: a string or a dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: expected a JSON object ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"cannot read {path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_hf_config(directory: str) -> tuple[dict, dict[str, Optional[str]], Optional[str]]:
+    """(tokenizer_config, special token name -> string, chat template) of an HF tokenizer directory."""
+    config = _read_json(os.path.join(directory, CONFIG)) if os.path.isfile(os.path.join(directory, CONFIG)) else {}
+    specials = {name: _token_string(config.get(name)) for name in SPECIAL_NAMES}
+    map_path = os.path.join(directory, SPECIAL_MAP)
+    if os.path.isfile(map_path):
+        for name, value in _read_json(map_path).items():
+            if name in specials and specials[name] is None:
+                specials[name] = _token_string(value)
+    template = config.get("chat_template")
+    template_path = os.path.join(directory, TEMPLATE_FILE)
+    if os.path.isfile(template_path):
+        with open(template_path, encoding="utf-8") as f:
+            template = f.read()
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return config, specials, template if isinstance(template, str) else None
+
+
+class _SpecialIds:
+    """bos/eos/pad/unk ids and strings shared by the new backends (pad falls back to eos)."""
+
+    def _set_specials(self, strings: dict[str, Optional[str]], ids: dict[str, Optional[int]]):
+        self.special_tokens = {k: v for k, v in strings.items() if v is not None}
+        self.bos_id, self.eos_id, self.unk_id = ids["bos_token"], ids["eos_token"], ids["unk_token"]
+        self.pad_is_eos = ids["pad_token"] is None
+        self.pad_id = self.eos_id if self.pad_is_eos else ids["pad_token"]
+
+    def _template_tokens(self) -> dict[str, str]:
+        return dict(self.special_tokens)
+
+
+class HFTokenizer(_SpecialIds, ChatTemplateMixin):
+    """A Hugging Face `tokenizer.json` read with the `tokenizers` library (no transformers)."""
+
+    def __init__(self, directory: str):
+        import tokenizers
+
+        self.path = os.path.join(directory, TOKENIZER_JSON)
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(self.path)
+        except Exception as e:  # tokenizers raises a bare Exception for malformed files
+            raise ValueError(f"cannot read {self.path}: expected a Hugging Face tokenizer.json ({e})") from e
+        config, strings, self.chat_template = _read_hf_config(directory)
+        self._clean_up = bool(config.get("clean_up_tokenization_spaces", False))
+        self._set_specials(strings, {k: None if v is None else self._tok.token_to_id(v) for k, v in strings.items()})
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; no bos/eos added, special-token strings in `text` become their ids."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`; special tokens appear as their strings unless `skip_special_tokens`."""
+        text = self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        if self._clean_up:  # transformers' clean_up_tokenization
+            for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+                text = text.replace(a, b)
+        return text
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included (transformers' `len(tokenizer)`)."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def _special_strings(self) -> list[str]:
+        return [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
+
+    def _encode_with_offsets(self, text):
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return enc.ids, list(enc.offsets)
+
+    def __repr__(self):
+        return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+# -------------------------------------------------------------------------------------- SentencePiece backend
+
+def _sp_pieces(sp: spm.SentencePieceProcessor, text: str):
+    """SentencePiece's pieces of `text`, each with `id` and UTF-8 byte offsets `begin` / `end`."""
+    proto = sp.EncodeAsProto(text)
+    if isinstance(proto, bytes):  # sentencepiece releases that return the serialized proto
+        from sentencepiece import sentencepiece_pb2
+
+        proto = sentencepiece_pb2.SentencePieceText.FromString(proto)
+    return proto.pieces
+
+
+def _sp_encode_with_offsets(sp: spm.SentencePieceProcessor, text: str, specials: Mapping[str, int]):
+    """Ids and character spans of `text`: special-token strings map to their ids, the text between them is
+    encoded piece by piece (each piece gets SentencePiece's dummy prefix, like transformers' legacy Llama)."""
+    ids, offsets, pos = [], [], 0
+    order = sorted((s for s in specials if s), key=len, reverse=True)
+    while pos < len(text):
+        nxt = min(((text.find(s, pos), -len(s), s) for s in order if text.find(s, pos) >= 0), default=None)
+        stop = nxt[0] if nxt else len(text)
+        if stop > pos:
+            segment = text[pos:stop]
+            char_of_byte = [i for i, c in enumerate(segment) for _ in c.encode("utf-8")] + [len(segment)]
+            for piece in _sp_pieces(sp, segment):
+                ids.append(piece.id)
+                offsets.append((pos + char_of_byte[piece.begin], pos + char_of_byte[piece.end]))
+        if nxt:
+            ids.append(specials[nxt[2]])
+            offsets.append((stop, stop + len(nxt[2])))
+            pos = stop + len(nxt[2])
+        else:
+            pos = len(text)
+    return ids, offsets
+
+
+class SentencePieceTokenizer(_SpecialIds, ChatTemplateMixin):
+    """Any SentencePiece model (e.g. Llama-2's), with the special tokens of a tokenizer_config.json beside it
+    or else the model's own bos/eos/pad/unk ids."""
+
+    def __init__(self, model_path: str, config_dir: Optional[str] = None):
+        self.path = model_path
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            with open(model_path, "rb") as f:
+                self._sp.LoadFromSerializedProto(f.read())
+        except Exception as e:  # sentencepiece raises bare RuntimeError/OSError for bad bytes
+            raise ValueError(f"cannot read {model_path}: expected a SentencePiece model ({e})") from e
+        own = {"bos_token": self._sp.bos_id(), "eos_token": self._sp.eos_id(), "unk_token": self._sp.unk_id(),
+               "pad_token": self._sp.pad_id()}
+        own = {k: (None if i < 0 else i) for k, i in own.items()}
+        strings = {k: None if i is None else self._sp.IdToPiece(i) for k, i in own.items()}
+        self.chat_template = None
+        if config_dir is not None and (os.path.isfile(os.path.join(config_dir, CONFIG))
+                                       or os.path.isfile(os.path.join(config_dir, SPECIAL_MAP))):
+            _, strings, self.chat_template = _read_hf_config(config_dir)
+        ids = {k: None if s is None else self._piece_id(s) for k, s in strings.items()}
+        self._set_specials(strings, ids)
+        # Control and unknown pieces are matched in text (user-defined ones SentencePiece matches itself).
+        self._specials = {self._sp.IdToPiece(i): i for i in range(self._sp.GetPieceSize())
+                          if self._sp.IsControl(i) or self._sp.IsUnknown(i)}
+        self._specials.update({s: ids[k] for k, s in strings.items() if s is not None and ids[k] is not None})
+
+    def _piece_id(self, piece: str) -> Optional[int]:
+        i = self._sp.PieceToId(piece)
+        return i if self._sp.IdToPiece(i) == piece else None
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; no bos/eos added, special-token strings in `text` become their ids."""
+        return self._encode_with_offsets(text)[0]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`; control pieces (bos, eos, ...) appear as their strings unless `skip_special_tokens`."""
+        out, run = [], []
+        for i in map(int, ids):
+            if self._sp.IsControl(i):
+                out.append(self._sp.DecodeIds(run))
+                run = []
+                if not skip_special_tokens:
+                    out.append(self._sp.IdToPiece(i))
+            else:
+                run.append(i)
+        return "".join(out) + self._sp.DecodeIds(run)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of pieces."""
+        return self._sp.GetPieceSize()
+
+    def _special_strings(self) -> list[str]:
+        return list(self._specials)
+
+    def _encode_with_offsets(self, text):
+        return _sp_encode_with_offsets(self._sp, text, self._specials)
+
+    def __repr__(self):
+        return f"SentencePieceTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+class ProjectTokenizer(project.Tokenizer, ChatTemplateMixin):
+    """The project tokenizer (`lm.tokenizer.Tokenizer`, unchanged) with `PROJECT_CHAT_TEMPLATE`, which gives
+    the ids and loss mask of `lm.data.chat.format_chat`. Unlike `format_chat`, role-token strings inside a
+    message become role ids here, as with any HF template: the data pipelines keep using `format_chat`."""
+
+    chat_template = PROJECT_CHAT_TEMPLATE
+
+    def _template_tokens(self):
+        return {"bos_token": project.BOS, "eos_token": project.EOS, "unk_token": project.UNK,
+                "pad_token": project.PAD}
+
+    def _special_strings(self):
+        return list(self.special_ids)
+
+    def _encode_with_offsets(self, text):
+        return _sp_encode_with_offsets(self._sp, text, self.special_ids)
+
+
+# ------------------------------------------------------------------------------------------------------ load
+
+def _is_project_model(path: str) -> bool:
+    sp = spm.SentencePieceProcessor()
+    try:
+        with open(path, "rb") as f:
+            sp.LoadFromSerializedProto(f.read())
+    except Exception:
+        return False  # let the SentencePiece backend raise the error naming the file
+    return all(sp.PieceToId(t) != sp.unk_id() for t in (project.PAD, project.BOS, project.EOS,
+                                                        *project.SPECIAL_TOKENS))
+
+
+def load(path: str) -> TokenizerLike:
+    """The tokenizer at `path`: a `.model` file, an HF tokenizer directory or a run directory (see the module
+    docstring for which backend each gets). Raises FileNotFoundError / ValueError naming what is missing."""
+    if os.path.isfile(path):
+        if not path.endswith(".model"):
+            raise ValueError(f"{path} is not a tokenizer: expected a SentencePiece `.model` file or a directory "
+                             f"with {TOKENIZER_JSON} or {SP_MODEL}")
+        return ProjectTokenizer.load(path) if _is_project_model(path) else SentencePieceTokenizer(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer path {path} does not exist")
+    if os.path.isfile(os.path.join(path, TOKENIZER_JSON)):
+        return HFTokenizer(path)
+    model = os.path.join(path, SP_MODEL)  # also lm.runs.TOKENIZER, a run directory's tokenizer
+    if os.path.isfile(model):
+        if not os.path.isfile(os.path.join(path, CONFIG)) and _is_project_model(model):
+            return ProjectTokenizer.load(model)
+        return SentencePieceTokenizer(model, path)
+    raise FileNotFoundError(f"no tokenizer in {path}: expected {TOKENIZER_JSON} (Hugging Face) or {SP_MODEL} "
+                            "(SentencePiece, e.g. a run directory's tokenizer)")
