@@ -18,6 +18,11 @@ SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
 SPECIAL_TOKENS = (MASK, GMASK, SOP, EOP, SYSTEM, USER, ASSISTANT)
 
 
+def missing_special_tokens(sp: spm.SentencePieceProcessor) -> list[str]:
+    """The special tokens this project's tokenizers carry that SentencePiece model `sp` lacks."""
+    return [t for t in (PAD, BOS, EOS, *SPECIAL_TOKENS) if sp.PieceToId(t) == sp.unk_id()]
+
+
 class Tokenizer:
     """Wraps a `sentencepiece.SentencePieceProcessor`; picklable (carries the model bytes)."""
 
@@ -29,7 +34,7 @@ class Tokenizer:
             self._sp.LoadFromSerializedProto(model_proto)
         except Exception as e:  # sentencepiece raises a bare RuntimeError/OSError for bad bytes
             raise ValueError(f"tokenizer file {path} is not a valid SentencePiece model: {e}") from e
-        missing = [t for t in (PAD, BOS, EOS, *SPECIAL_TOKENS) if self._sp.PieceToId(t) == self._sp.unk_id()]
+        missing = missing_special_tokens(self._sp)
         if missing:
             raise ValueError(f"tokenizer file {path} lacks the special tokens {missing}; "
                              "train it with `Tokenizer.train` (python -m experiments.tokenizer)")

@@ -387,8 +387,7 @@ def _is_project_model(path: str) -> bool:
             sp.LoadFromSerializedProto(f.read())
     except Exception:
         return False  # let the SentencePiece backend raise the error naming the file
-    return all(sp.PieceToId(t) != sp.unk_id() for t in (project.PAD, project.BOS, project.EOS,
-                                                        *project.SPECIAL_TOKENS))
+    return not project.missing_special_tokens(sp)
 
 
 def load(path: str) -> TokenizerLike:

@@ -148,6 +148,12 @@ def field(hf: dict, *keys, default=_REQUIRED):
     return default
 
 
+def or_default(hf: dict, key: str, default):
+    """`hf[key]`, which may be an explicit null, or `default` (the config class's) when the key is absent; unlike
+    `field`, a null stays null (e.g. Mistral's `sliding_window: null` means no window)."""
+    return hf[key] if key in hf else default
+
+
 def require(ok: bool, hf: dict, msg: str):
     if not ok:
         raise ValueError(f"unsupported {hf.get('architectures')} config: {msg}")

@@ -5,12 +5,7 @@ from __future__ import annotations
 
 from lm.config import ModelConfig
 from lm.hf_arch.core import (O, QKV, WG, WI, WO, Arch, TensorMap, embed_and_head, field, gated_act, hf_act, hf_rope,
-                             layer_types, linear, norm, require, rope, window_pattern)
-
-
-def _or_default(hf: dict, key: str, default):
-    """`hf[key]`, which may be an explicit null, or `default` (the config class's) when the key is absent."""
-    return hf[key] if key in hf else default
+                             layer_types, linear, norm, or_default, require, rope, window_pattern)
 
 
 def _number(x: float):
@@ -26,7 +21,7 @@ def _gemma_from(hf: dict, *, every: int, caps: bool, max_len: int) -> dict:
     hf.get("hidden_act")  # older Gemma2 configs repeat the activation here; transformers reads hidden_activation
     hf.get("cache_implementation")  # a generation setting ("hybrid")
     n_layers = field(hf, "num_hidden_layers")
-    window = _or_default(hf, "sliding_window", 4096)
+    window = or_default(hf, "sliding_window", 4096)
     require(hf.get("sliding_window_size", window) == window, hf,
             f"sliding_window_size={hf.get('sliding_window_size')} differs from sliding_window={window}")
     types = hf.get("layer_types") or ["full_attention" if (i + 1) % every == 0 else "sliding_attention"
@@ -38,8 +33,8 @@ def _gemma_from(hf: dict, *, every: int, caps: bool, max_len: int) -> dict:
     d, h = field(hf, "hidden_size"), field(hf, "num_attention_heads")
     head_dim, n_kv = field(hf, "head_dim", default=256), field(hf, "num_key_value_heads", default=h)
     bias = bool(field(hf, "attention_bias", default=False))
-    attn_cap = _or_default(hf, "attn_logit_softcapping", 50.0 if caps else None)
-    final_cap = _or_default(hf, "final_logit_softcapping", 30.0 if caps else None)
+    attn_cap = or_default(hf, "attn_logit_softcapping", 50.0 if caps else None)
+    final_cap = or_default(hf, "final_logit_softcapping", 30.0 if caps else None)
     return dict(vocab_size=field(hf, "vocab_size"), d_model=d, n_layers=n_layers, n_heads=h,
                 n_kv_heads=None if n_kv == h else n_kv, head_dim=None if head_dim == d // h else head_dim,
                 d_ff=field(hf, "intermediate_size"), max_len=field(hf, "max_position_embeddings", default=max_len),

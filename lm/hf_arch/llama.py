@@ -7,8 +7,8 @@ Qwen's 32 K/V heads, Qwen3's head_dim 128, Phi-3's eps 1e-5), so a hand-written 
 from __future__ import annotations
 
 from lm.config import ModelConfig
-from lm.hf_arch.core import (Arch, field, hf_rope, layer_types, llama_like_from, llama_like_to, llama_tensors, require,
-                             rope, window_pattern)
+from lm.hf_arch.core import (Arch, field, hf_rope, layer_types, llama_like_from, llama_like_to, llama_tensors,
+                             or_default, require, rope, window_pattern)
 
 
 def _full_rope(hf: dict) -> dict:
@@ -66,7 +66,7 @@ def _glm_to(cfg: ModelConfig) -> dict:
 # --- Mistral: LLaMA without biases, a sliding window on every layer (null: none) -------------------------
 
 def _mistral_from(hf: dict) -> dict:
-    window = hf["sliding_window"] if "sliding_window" in hf else 4096
+    window = or_default(hf, "sliding_window", 4096)
     return dict(llama_like_from(hf, kv_heads=8), max_len=field(hf, "max_position_embeddings", default=131072),
                 position="rope", **_full_rope(hf), sliding_window=window)
 
@@ -81,7 +81,7 @@ def _mistral_to(cfg: ModelConfig) -> dict:
 def _qwen_window(hf: dict, n_layers: int) -> dict:
     """sliding_window + window_pattern as Qwen2Config resolves them: no window unless use_sliding_window;
     `layer_types` if given, else the layers from `max_window_layers` on are local."""
-    window = hf["sliding_window"] if "sliding_window" in hf else 4096
+    window = or_default(hf, "sliding_window", 4096)
     window = window if field(hf, "use_sliding_window", default=False) else None
     first = field(hf, "max_window_layers", default=28)
     types = hf.get("layer_types") or ["sliding_attention" if window is not None and i >= first else "full_attention"

@@ -22,7 +22,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from lm.kernels import common
+from lm.kernels import common, reference
 from lm.kernels.common import MASKED, MAX_INIT
 
 f32 = jnp.float32
@@ -65,8 +65,7 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, *refs, c: _Static):
             rows = pl.ds(pl.multiple_of(jb * c.block_k, c.block_k), c.block_k)
             k, v = k_ref[rows, h, :], v_ref[rows, h, :]
             s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=f32) * c.sm_scale
-            if c.softcap is not None:
-                s = c.softcap * jnp.tanh(s / c.softcap)
+            s = reference.softcap(s, c.softcap)
             cols = start + jb * c.block_k + lax.broadcasted_iota(jnp.int32, shape, 1)
             if c.has_alibi:
                 s = s + slope * (cols - (length - 1)).astype(f32)
