@@ -22,6 +22,7 @@ setup(
         "tensorflow-datasets>=4.9.6,<5",
         "array_record>=0.5.0",
         "grain>=0.2.2,<0.3",
+        "pyarrow>=14",  # Parquet files and `datasets` save_to_disk directories as training data (lm.data.builders)
         "safetensors>=0.4",
         "tqdm>=4.60",
         "numpy>=1.26",
@@ -33,6 +34,7 @@ setup(
             "pytest>=8",
             "pytest-xdist>=3.5",
             "hypothesis>=6.100",
+            "datasets>=2.14",  # reference writers of Parquet and save_to_disk data (tests/lm/test_data_formats.py)
             "torch==2.13.0",
             "transformers>=4.57,<6",
             "nbclient>=0.10",

@@ -1,19 +1,31 @@
 """tensorflow-datasets builders for local data, written as array_record (no TensorFlow needed).
 
-Three kinds of input:
-- "text": a `.txt` file or a directory of them (recursively); a document is a run of lines up to a blank
-  line (a file without blank lines is one document).
-- "sft": JSONL, one `{"prompt": str, "response": str}` per line (optional `"system": str`).
-- "preference": JSONL, one `{"prompt": str, "responses": [str, ...], "ranks": [int, ...]}` per line (rank 0
-  is best, ties allowed, at least two distinct ranks), or `{"prompt", "chosen", "rejected"}` (K = 2).
-Blank lines of a JSONL file are skipped; other keys are ignored. Any other malformed row raises a
-`ValueError` naming the file and line. Every record keeps its `source` ("file:line") for later errors.
+`path` is a file or a directory. Formats, per file:
+- `.txt` (kind "text" only): a document is a run of lines up to a blank line.
+- `.jsonl`: one JSON object per line (blank lines skipped); a `.json` file whose first non-space character
+  is `{` is read as JSON Lines too. Row number = line number.
+- `.json`: a JSON list of objects, streamed element by element. Row number = 1-based index in the list.
+- `.parquet`: read batch by batch. Row number = 1-based index.
+- a directory written by `datasets.Dataset.save_to_disk` (`state.json` + Arrow stream files): read batch by
+  batch, row number = 1-based index. A `DatasetDict` directory is an error: point `path` at one split.
+- any other directory: every file under it (recursively, sorted) with the kind's extensions (`.txt` for
+  "text", else `.jsonl`, `.json`, `.parquet`), and every `save_to_disk` directory under it.
+Kind "text" also reads a string column "text" from a single non-`.txt` file or dataset directory.
+
+Each file's rows follow one schema, detected from its first row (`lm.data.schemas` has the table):
+"sft" rows are prompt_response, alpaca, messages or sharegpt; "preference" rows ranked, pairwise,
+pairwise_messages (UltraFeedback) or hh (Anthropic-HH transcripts); RL prompt files (`prompt_rows`) take
+the prompt part of any of these. `field_map` ({name in the file: our name}, or "question=prompt,..."
+as a string) renames columns first. Records: text `{text}`; sft `{messages}` (a JSON message list);
+preference `{prompt (a JSON message list ending with a user message), responses, ranks}` (rank 0 best).
+A malformed row raises a `ValueError` naming `file:row`. Every record keeps its `source` ("file:row",
+relative to `path`) for later errors.
 
 Each example goes to the "train" or "eval" split by a hash of its content, `eval_fraction` of them to
 "eval" (duplicates share a split, and adding rows never moves old ones); a data set of two or more
 examples where no hash falls under that fraction holds out the example(s) with the lowest hash instead.
-`prepare` writes the splits once into `<cache_dir>/<kind>-<fingerprint of the input files>/` and reuses
-them while the files are unchanged; `cache_dir` defaults to `$LM_DATA_CACHE` or
+`prepare` writes the splits once into `<cache_dir>/<kind>-<fingerprint of the input files and field_map>/`
+and reuses them while the files are unchanged; `cache_dir` defaults to `$LM_DATA_CACHE` or
 `~/.cache/chatgpt-jax/tfds`. A file lock makes concurrent processes on one machine prepare it once.
 """
 from __future__ import annotations
@@ -23,14 +35,37 @@ import fcntl
 import hashlib
 import json
 import os
-from typing import Iterator, Optional
+import re
+from typing import Iterator, Mapping, Optional, Union
 
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from lm.data import schemas
+
 KINDS = ("text", "sft", "preference")
 SPLITS = ("train", "eval")
+ROW_EXTENSIONS = (".jsonl", ".json", ".parquet")
+_READ_CHUNK = 1 << 20  # characters of a `.json` list read at a time
+_BATCH_ROWS = 1024  # Parquet rows converted to Python at a time
+_SPACE = re.compile(r"\s*")
+
+FieldMap = Union[None, str, Mapping[str, str]]
+
+
+def _dataset_files(directory: str) -> Optional[list[str]]:
+    """The Arrow files of a `Dataset.save_to_disk` directory (None if it is not one); a `DatasetDict` raises."""
+    if os.path.isfile(os.path.join(directory, "dataset_dict.json")):
+        with open(os.path.join(directory, "dataset_dict.json")) as f:
+            splits = json.load(f).get("splits", [])
+        raise ValueError(f"{directory} is a datasets DatasetDict with splits {splits}; point data.path at one of "
+                         f"them, e.g. {os.path.join(directory, splits[0] if splits else 'train')}")
+    state = os.path.join(directory, "state.json")
+    if not os.path.isfile(state):
+        return None
+    with open(state) as f:
+        return [os.path.join(directory, d["filename"]) for d in json.load(f)["_data_files"]]
 
 
 def _files(path: str, kind: str) -> list[str]:
@@ -38,11 +73,26 @@ def _files(path: str, kind: str) -> list[str]:
         return [path]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{kind} data path {path} does not exist")
-    ext = ".txt" if kind == "text" else ".jsonl"
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(ext))
+    if _dataset_files(path) is not None:
+        return [path]
+    exts = (".txt",) if kind == "text" else ROW_EXTENSIONS
+    files = []
+    for d, subdirs, fs in os.walk(path):
+        for sub in list(subdirs):
+            if _dataset_files(os.path.join(d, sub)) is not None:
+                files.append(os.path.join(d, sub))
+                subdirs.remove(sub)  # its metadata `.json` files are no data
+        files += [os.path.join(d, f) for f in fs if f.endswith(exts)]
     if not files:
-        raise FileNotFoundError(f"no {ext} files under {path}")
-    return files
+        others = f" (nor {', '.join(exts[1:])} files or save_to_disk directories)" if len(exts) > 1 else ""
+        raise FileNotFoundError(f"no {exts[0]} files under {path}{others}")
+    return sorted(files)
+
+
+def _root(path: str) -> str:
+    """Sources are named relative to this: the directory given, else the file's (or dataset's) parent."""
+    path = os.path.normpath(path)
+    return path if os.path.isdir(path) and _dataset_files(path) is None else os.path.dirname(path)
 
 
 def _lines(file: str) -> Iterator[tuple[int, str]]:
@@ -68,8 +118,13 @@ def _text_rows(file: str) -> Iterator[tuple[int, dict]]:
         yield first, {"text": "\n".join(doc)}
 
 
-def json_rows(file: str, parse) -> Iterator[tuple[int, dict]]:
-    """`(line number, parse(row))` of each JSONL row; any problem raises a ValueError naming `file:line`."""
+def _object(file: str, number: int, row) -> dict:
+    if not isinstance(row, dict):
+        raise ValueError(f"{file}:{number}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def _jsonl_rows(file: str) -> Iterator[tuple[int, dict]]:
     for number, line in _lines(file):
         if not line.strip():
             continue
@@ -77,71 +132,115 @@ def json_rows(file: str, parse) -> Iterator[tuple[int, dict]]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{file}:{number}: invalid JSON ({e.msg} at column {e.colno})") from e
-        try:
-            if not isinstance(row, dict):
-                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            yield number, parse(row)
-        except ValueError as e:
-            raise ValueError(f"{file}:{number}: {e}") from e
+        yield number, _object(file, number, row)
 
 
-def _string(row: dict, key: str, optional: bool = False) -> str:
-    if key not in row:
-        if optional:
-            return ""
-        raise ValueError(f"missing key {key!r} (keys: {sorted(row)})")
-    if not isinstance(row[key], str):
-        raise ValueError(f"{key!r} must be a string, got {type(row[key]).__name__}")
-    return row[key]
+def _json_list_rows(file: str) -> Iterator[tuple[int, dict]]:
+    """Elements of a JSON list, decoded one at a time from a buffer refilled in `_READ_CHUNK` pieces."""
+    decoder = json.JSONDecoder()
+    with open(file, encoding="utf-8-sig") as f:
+        buf, pos, number, eof = "", 0, 0, False
+
+        def more(size: int) -> bool:  # appends to the unread part of buf; False at the end of the file
+            nonlocal buf, pos, eof
+            try:
+                chunk = f.read(size)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{file}:{number + 1}: not valid UTF-8 ({e})") from e
+            buf, pos, eof = buf[pos:] + chunk, 0, not chunk
+            return bool(chunk)
+
+        def next_char() -> str:  # the next non-space character, not consumed ("" at the end of the file)
+            nonlocal pos
+            while True:
+                pos = _SPACE.match(buf, pos).end()
+                if pos < len(buf) or not more(_READ_CHUNK):
+                    return buf[pos:pos + 1]
+
+        if next_char() == "{":  # some data sets name JSON Lines `.json`
+            yield from _jsonl_rows(file)
+            return
+        if next_char() != "[":
+            raise ValueError(f"{file}:1: a .json file must hold a JSON list of objects (or JSON Lines)")
+        pos += 1
+        if next_char() == "]":
+            pos += 1
+        else:
+            while True:
+                number += 1
+                next_char()
+                while True:
+                    try:
+                        row, pos = decoder.raw_decode(buf, pos)
+                        break
+                    except json.JSONDecodeError as e:
+                        # The element may run past the buffer: read on (doubling keeps this linear).
+                        if eof or not more(max(_READ_CHUNK, len(buf))):
+                            raise ValueError(f"{file}:{number}: invalid JSON ({e.msg})") from e
+                yield number, _object(file, number, row)
+                sep = next_char()
+                pos += 1
+                if sep == "]":
+                    break
+                if sep != ",":
+                    raise ValueError(f"{file}:{number}: expected ',' or ']' after this row, got {sep or 'the end'!r}")
+        if next_char():
+            raise ValueError(f"{file}: unexpected text after the JSON list")
 
 
-def parse_prompt(row: dict) -> dict:
-    """Validates one prompt row (RL prompts); returns `{prompt}`."""
-    return {"prompt": _string(row, "prompt")}
+def _parquet_rows(file: str) -> Iterator[tuple[int, dict]]:
+    import pyarrow.parquet as pq  # pyarrow loads only when such a file is read
+
+    number = 0
+    for batch in pq.ParquetFile(file).iter_batches(batch_size=_BATCH_ROWS):
+        for row in batch.to_pylist():
+            number += 1
+            yield number, row
 
 
-def parse_sft(row: dict) -> dict:
-    """Validates one SFT row; returns `{prompt, response, system}`."""
-    response = _string(row, "response")
-    if not response.strip():
-        raise ValueError("'response' is empty")
-    return {"prompt": _string(row, "prompt"), "response": response, "system": _string(row, "system", True)}
+def _dataset_rows(directory: str) -> Iterator[tuple[int, dict]]:
+    import pyarrow as pa
+
+    number = 0
+    for file in _dataset_files(directory):
+        with pa.memory_map(file) as source:
+            for batch in pa.ipc.open_stream(source):
+                for start in range(0, batch.num_rows, _BATCH_ROWS):
+                    for row in batch.slice(start, _BATCH_ROWS).to_pylist():
+                        number += 1
+                        yield number, row
 
 
-def parse_preference(row: dict) -> dict:
-    """Validates one preference row; returns `{prompt, responses, ranks}` (pairs become ranks [0, 1])."""
-    prompt = _string(row, "prompt")
-    pairwise = "chosen" in row or "rejected" in row
-    if pairwise and ("responses" in row or "ranks" in row):
-        raise ValueError("use either 'chosen'/'rejected' or 'responses'/'ranks', not both")
-    if pairwise:
-        return {"prompt": prompt, "responses": [_string(row, "chosen"), _string(row, "rejected")],
-                "ranks": np.asarray([0, 1], np.int32)}
-    if "responses" not in row or "ranks" not in row:
-        raise ValueError(f"need 'responses' and 'ranks' (or 'chosen' and 'rejected'), got keys {sorted(row)}")
-    responses, ranks = row["responses"], row["ranks"]
-    if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
-        raise ValueError("'responses' must be a list of strings")
-    if not isinstance(ranks, list) or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0
-                                              for r in ranks):
-        raise ValueError("'ranks' must be a list of non-negative integers (0 = best)")
-    if len(responses) != len(ranks):
-        raise ValueError(f"{len(responses)} responses but {len(ranks)} ranks")
-    if len(set(ranks)) < 2:
-        raise ValueError(f"ranks {ranks} express no preference (need at least two distinct ranks)")
-    return {"prompt": prompt, "responses": responses, "ranks": np.asarray(ranks, np.int32)}
+def read_rows(file: str) -> Iterator[tuple[int, dict]]:
+    """`(row number, raw row)` of one file of any format (see the module docstring), streamed; a `.txt`
+    file gives `{"text": document}` rows. A malformed file raises a ValueError naming `file:row`."""
+    if os.path.isdir(file):
+        return _dataset_rows(file)
+    if file.endswith(".txt"):
+        return _text_rows(file)
+    if file.endswith(".parquet"):
+        return _parquet_rows(file)
+    if file.endswith(".json"):
+        return _json_list_rows(file)
+    return _jsonl_rows(file)
+
+
+def prompt_rows(path: str, field_map: FieldMap = None) -> Iterator[tuple[str, list[dict]]]:
+    """`(source "file:row", messages ending with a user message)` of every row of every file under `path`,
+    streamed: prompt files (`{"prompt": str | messages}`) or the prompts of any SFT or preference file."""
+    fields, root = schemas.parse_field_map(field_map), _root(path)
+    for file in _files(path, "prompt"):
+        for number, record in schemas.records("prompt", file, read_rows(file), fields):
+            yield f"{os.path.relpath(file, root)}:{number}", record["prompt"]
 
 
 _FEATURES = {
     "text": lambda: {"text": tfds.features.Text()},
-    "sft": lambda: {"prompt": tfds.features.Text(), "response": tfds.features.Text(),
-                    "system": tfds.features.Text()},
+    "sft": lambda: {"messages": tfds.features.Text()},
     "preference": lambda: {"prompt": tfds.features.Text(),
                            "responses": tfds.features.Sequence(tfds.features.Text()),
                            "ranks": tfds.features.Sequence(np.int32)},
 }
-_PARSERS = {"text": _text_rows, "sft": lambda f: json_rows(f, parse_sft),
-            "preference": lambda f: json_rows(f, parse_preference)}
 
 
 _BUCKETS = 1_000_000
@@ -156,17 +255,17 @@ def bucket_of(example: dict) -> int:
 class LocalData(tfds.core.GeneratorBasedBuilder):
     """Builder over local files of one kind (see the module docstring); splits "train" and "eval"."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("2.0.0")
     # No download checksums to look up next to the code (tfds's lookup of them needs `importlib_resources`).
     code_path = None
 
-    def __init__(self, kind: str, path: str, *, eval_fraction: float, data_dir: str):
+    def __init__(self, kind: str, path: str, *, eval_fraction: float, data_dir: str, field_map: FieldMap = None):
         if kind not in KINDS:
             raise ValueError(f"data kind {kind!r} is not one of {KINDS}")
         if not 0.0 <= eval_fraction < 1.0:
             raise ValueError(f"eval_fraction={eval_fraction} must be in [0, 1)")
         self._kind, self._path, self._eval_fraction = kind, path, eval_fraction
-        self._input_files = _files(path, kind)
+        self._input_files, self._field_map = _files(path, kind), schemas.parse_field_map(field_map)
         super().__init__(data_dir=data_dir, file_format="array_record")
 
     # tfds prints "Downloading and preparing..." to stdout; local data is only converted, so log that.
@@ -182,9 +281,9 @@ class LocalData(tfds.core.GeneratorBasedBuilder):
                                      features=tfds.features.FeaturesDict(features))
 
     def _rows(self) -> Iterator[tuple[str, int, dict]]:
-        root = self._path if os.path.isdir(self._path) else os.path.dirname(self._path)
+        root = _root(self._path)
         for file in self._input_files:
-            for number, example in _PARSERS[self._kind](file):
+            for number, example in schemas.records(self._kind, file, read_rows(file), self._field_map):
                 yield f"{os.path.relpath(file, root)}:{number}", bucket_of(example), example
 
     def _split_generators(self, dl_manager):
@@ -206,11 +305,13 @@ class LocalData(tfds.core.GeneratorBasedBuilder):
                 yield source, dict(example, source=source)
 
 
-def _fingerprint(kind: str, files: list[str], eval_fraction: float) -> str:
-    h = hashlib.sha256(f"{kind}|{LocalData.VERSION}|{eval_fraction}".encode())
+def _fingerprint(kind: str, files: list[str], eval_fraction: float, field_map: dict[str, str]) -> str:
+    h = hashlib.sha256(f"{kind}|{LocalData.VERSION}|{eval_fraction}|{sorted(field_map.items())}".encode())
     for f in files:
-        st = os.stat(f)
-        h.update(f"|{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}".encode())
+        parts = [os.path.join(f, "state.json")] + _dataset_files(f) if os.path.isdir(f) else [f]
+        for part in parts:
+            st = os.stat(part)
+            h.update(f"|{os.path.abspath(part)}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 
@@ -231,23 +332,27 @@ def _locked(path: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def prepare(kind: str, path: str, *, cache_dir: Optional[str] = None, eval_fraction: float = 0.05) -> LocalData:
-    """Prepares (once) and returns the builder of `path` read as `kind` ("text", "sft" or "preference")."""
-    files = _files(path, kind)
-    data_dir = os.path.join(cache_dir or default_cache_dir(), f"{kind}-{_fingerprint(kind, files, eval_fraction)}")
+def prepare(kind: str, path: str, *, cache_dir: Optional[str] = None, eval_fraction: float = 0.05,
+            field_map: FieldMap = None) -> LocalData:
+    """Prepares (once) and returns the builder of `path` read as `kind` ("text", "sft" or "preference"), its
+    columns renamed by `field_map` ({name in the file: our name} or "name_in_file=our_name,...")."""
+    files, fields = _files(path, kind), schemas.parse_field_map(field_map)
+    fingerprint = _fingerprint(kind, files, eval_fraction, fields)
+    data_dir = os.path.join(cache_dir or default_cache_dir(), f"{kind}-{fingerprint}")
     with _locked(data_dir + ".lock"):
-        builder = LocalData(kind, path, eval_fraction=eval_fraction, data_dir=data_dir)
+        builder = LocalData(kind, path, eval_fraction=eval_fraction, data_dir=data_dir, field_map=fields)
         tfds.display_progress_bar(False)
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return builder
 
 
 def data_source(kind: str, path: str, split: str = "train", *, cache_dir: Optional[str] = None,
-                eval_fraction: float = 0.05):
-    """Random-access source of one split: `len(src)`, `src[i]` -> dict of bytes/arrays (plus `source`)."""
+                eval_fraction: float = 0.05, field_map: FieldMap = None):
+    """Random-access source of one split (see `prepare`): `len(src)`, `src[i]` -> dict of bytes/arrays (the
+    record of the module docstring, plus `source`)."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {SPLITS}")
-    builder = prepare(kind, path, cache_dir=cache_dir, eval_fraction=eval_fraction)
+    builder = prepare(kind, path, cache_dir=cache_dir, eval_fraction=eval_fraction, field_map=field_map)
     sources = builder.as_data_source()
     if split not in sources:
         raise ValueError(f"{path} has no {split!r} examples (eval_fraction={eval_fraction}); "

@@ -229,7 +229,8 @@ def sft_segments(batch):
 @pytest.mark.parametrize("pack", [True, False])
 def test_sft_epoch_trains_each_response_once(tok, cache, pack):
     src = builders.data_source("sft", SFT, "train", cache_dir=cache)
-    want = collections.Counter(tuple(tok.encode(src[i]["response"].decode()) + [tok.eos_id]) for i in range(len(src)))
+    responses = [json.loads(src[i]["messages"])[-1]["content"] for i in range(len(src))]
+    want = collections.Counter(tuple(tok.encode(r) + [tok.eos_id]) for r in responses)
     got, rows = collections.Counter(), 0
     for b in data.sft_dataset(SFT, tok, seq_len=80, batch_size=3, seed=0, pack=pack, num_epochs=1, cache_dir=cache):
         rows += int((b["segment_ids"].max(axis=1) > 0).sum())
