@@ -21,8 +21,10 @@ def ppo(**values):
 
 def data(prompt_len: int):
     c = mlc.ConfigDict()
-    c.path = "data/qa/rl_prompts.jsonl"  # JSONL of {"prompt": ...} rows, one rollout prompt each
-    c.tokenizer = ""  # SentencePiece .model; "" = the init_from run's WORKDIR/tokenizer.model
+    c.path = "data/qa/rl_prompts.jsonl"  # prompt rows ({"prompt"}, {"messages"}, or any SFT/preference file)
+    c.tokenizer = ""  # a .model file or a tokenizer directory; "" = the init_from run's or HF directory's own
+    c.chat_template = ""  # "" = the tokenizer's own; "chatml" or a Jinja file (for checkpoints that ship none)
+    c.field_map = ""  # rename the file's columns to a known schema, e.g. "question=prompt,answer=response"
     c.prompt_len = prompt_len  # prompt width: formatted prompts are right-padded to it (longer is an error)
     return c
 

@@ -13,7 +13,7 @@ PRESETS = ("tiny", "glm-tiny", "llama-7b", "bloom-7b1", "glm-6b")
 def data(objective: str, seq_len: int, vocab_size: int):
     c = mlc.ConfigDict()
     c.path = "data/text"  # a .txt file or a directory of them (searched recursively)
-    c.tokenizer = ""  # SentencePiece .model; "" = train one on data.path into WORKDIR/tokenizer.model
+    c.tokenizer = ""  # a .model file or a tokenizer directory; "" = init_from's, else train one on data.path
     c.vocab_size = vocab_size  # vocabulary of a tokenizer trained here (at most the model's vocab_size)
     c.seq_len = seq_len  # tokens per row; documents are concatenated and split into rows
     c.objective = objective  # "causal" (next token) or "glm" (autoregressive blank infilling)

@@ -15,9 +15,12 @@ PRESETS = ("tiny", "llama-7b", "bloom-7b1", "glm-6b")
 
 def data(seq_len: int, k: int):
     c = mlc.ConfigDict()
-    # JSONL of {prompt, responses: [...], ranks: [...]} (0 = best, ties share a rank) or {prompt, chosen, rejected}
+    # Preference rows (JSONL/JSON/Parquet/`datasets` dir): {prompt, responses, ranks} (0 = best, ties share a
+    # rank), {prompt, chosen, rejected} as strings or message lists, or Anthropic-HH transcripts; lm.data.builders
     c.path = "data/preference/sample.jsonl"
-    c.tokenizer = ""  # SentencePiece .model; "" = the init_from run's WORKDIR/tokenizer.model
+    c.tokenizer = ""  # a .model file or a tokenizer directory; "" = the init_from run's or HF directory's own
+    c.chat_template = ""  # "" = the tokenizer's own; "chatml" or a Jinja file (for checkpoints that ship none)
+    c.field_map = ""  # rename the file's columns to a known schema, e.g. "question=prompt,answer=response"
     c.seq_len = seq_len  # tokens per response (prompt + response + eos)
     c.k = k  # responses per prompt in a batch row (InstructGPT: 4 to 9); fewer are padded as absent
     c.overlong = "error"  # a response longer than seq_len: "error" (names it) or "truncate"

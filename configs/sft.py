@@ -13,8 +13,10 @@ PRESETS = ("tiny", "llama-7b", "bloom-7b1", "glm-6b")
 
 def data(seq_len: int):
     c = mlc.ConfigDict()
-    c.path = "data/sft/sample.jsonl"  # JSONL of {"prompt", "response"} (optional "system") rows
-    c.tokenizer = ""  # SentencePiece .model; "" = the init_from run's WORKDIR/tokenizer.model
+    c.path = "data/sft/sample.jsonl"  # SFT rows: JSONL/JSON/Parquet/`datasets` dir, schemas in lm.data.builders
+    c.tokenizer = ""  # a .model file or a tokenizer directory; "" = the init_from run's or HF directory's own
+    c.chat_template = ""  # "" = the tokenizer's own; "chatml" or a Jinja file (for checkpoints that ship none)
+    c.field_map = ""  # rename the file's columns to a known schema, e.g. "question=prompt,answer=response"
     c.seq_len = seq_len  # tokens per row
     c.pack = True  # several examples per row (attention never crosses them)
     c.overlong = "error"  # an example longer than seq_len: "error" (names it) or "truncate"
@@ -29,7 +31,6 @@ def get_config(preset: str = "tiny"):
         c = common.base(model_preset="llama-tiny", steps=200, batch_size=8, lr=1e-3, warmup_steps=20,
                         checkpoint_every=100, log_every=10, eval_every=100)
         c.data = data(seq_len=128)  # what to read and how
-        c.model.overrides.vocab_size = 2048  # as configs/pretrain.py:tiny (with init_from it must match that run)
     elif preset in ("llama-7b", "bloom-7b1", "glm-6b"):
         # Alpaca / InstructGPT-style SFT: lr 2e-5, batch 128, cosine, about 3 epochs of ~50k examples.
         c = common.base(model_preset=preset, steps=1200, batch_size=128, lr=2e-5, warmup_steps=40,

@@ -1,11 +1,12 @@
-"""Chat with a trained model in the terminal, with the chat template SFT trained on; replies stream as generated.
+"""Chat with a trained model in the terminal, in its chat template (the one SFT trained on, or a Hugging Face
+checkpoint's own); replies stream as generated.
 
   python -m experiments.chat --checkpoint=runs/pipeline/ppo [--tokenizer=PATH] [--temperature=0.7]
       [--top_k=0] [--top_p=0.9] [--max_new_tokens=256] [--system="You are a helpful assistant."] [--stats]
 
 `--checkpoint` is a run directory (or its `checkpoints/`) of any stage, whose metadata holds the model config,
-or a Hugging Face directory (`config.json` + safetensors, read with lm.hf). The tokenizer defaults to the
-run's `tokenizer.model`. Type a message per line; `/reset` forgets the conversation, `/exit` or end of input
+or a Hugging Face directory (`config.json` + safetensors, read with lm.hf). The tokenizer (with its chat
+template) defaults to the run's or checkpoint's own. Type a message per line; `/reset` forgets the conversation, `/exit` or end of input
 (Ctrl-D) quits.
 
 Streaming: the conversation is prefilled into a KV cache, then tokens are decoded `--chunk` at a time by one
@@ -26,12 +27,11 @@ from absl import app, flags, logging
 import lm
 from lm import runs, sharding
 from lm.config import ModelConfig
-from lm.data.chat import format_prompt
+from lm.data.chat import format_prompt, stop_id
 from lm.generation import stream
-from lm.tokenizer import Tokenizer
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory, its checkpoints/, or a Hugging Face directory.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", "", "SentencePiece model; default: the run's tokenizer.model.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", "", "Tokenizer (.model file or directory); default: the run's own.")
 _SYSTEM = flags.DEFINE_string("system", None, "Optional system message that starts every conversation.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.7, "Sampling temperature; 0 is greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 keeps all.")
@@ -49,7 +49,7 @@ CHAT_RULES = tuple((name, None if name == "batch" else axes) for name, axes in s
 class ChatSession:
     """A conversation: the history in the SFT chat template and streamed replies to new user messages."""
 
-    def __init__(self, cfg: ModelConfig, params, tokenizer: Tokenizer, *, system: Optional[str] = None,
+    def __init__(self, cfg: ModelConfig, params, tokenizer, *, system: Optional[str] = None,
                  temperature: float = 0.7, top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 256,
                  chunk: int = 8, seed: int = 0):
         runs.check_vocab(tokenizer, cfg)
@@ -90,7 +90,7 @@ class ChatSession:
         self.turns += 1
         ids, shown = [], ""
         for piece in stream(self.cfg, self.params, prompt.tolist(), max_new_tokens=self.max_new_tokens,
-                            eos_id=self.tokenizer.eos_id, rng=rng, **self.sampling):
+                            eos_id=stop_id(self.tokenizer), rng=rng, **self.sampling):
             ids += piece
             text = self.tokenizer.decode(ids)
             if text.endswith("\ufffd"):  # a character whose UTF-8 bytes are not all decoded yet
@@ -153,7 +153,7 @@ def main(argv):
         cfg, params, tokenizer = lm.load(path, mesh=mesh, rules=CHAT_RULES, head="lm",
                                          tokenizer=_TOKENIZER.value or None)
         if tokenizer is None:
-            raise app.UsageError(f"no tokenizer.model beside {path}; pass --tokenizer=PATH")
+            raise app.UsageError(f"no tokenizer in {path}; pass --tokenizer=PATH")
         session = ChatSession(cfg, params, tokenizer, system=_SYSTEM.value, temperature=_TEMPERATURE.value,
                               top_k=_TOP_K.value, top_p=_TOP_P.value, max_new_tokens=_MAX_NEW.value,
                               chunk=_CHUNK.value, seed=_SEED.value)

@@ -4,7 +4,8 @@ Public API (`lm.X`): `ModelConfig` and `presets` (architectures); `Transformer`,
 `boxed_params`, `abstract_params`, `init_cache`, `count_params`, `default_positions` (the model);
 `generate` and `stream` (KV-cache sampling); `load` (any run directory or Hugging Face directory ->
 `(config, params, tokenizer)`); `stages` (`pretrain`, `sft` as `(config, workdir)` functions); `loop` (the
-one training loop); `hf`, `tokenizer`, `data`, `kernels`. Submodules load on first use, so `import lm`
+one training loop); `hf` (checkpoints in and out); `tokenizer` (`tokenizer.load(path)`: any checkpoint's
+tokenizer, backends in `tokenizers`); `data`; `kernels`. Submodules load on first use, so `import lm`
 costs little more than `import jax`.
 
 How the code is layered (see also docs/architecture.md):
@@ -27,7 +28,8 @@ _ATTRS = {
     "abstract_params": "lm.model", "generate": "lm.generation", "stream": "lm.generation", "load": "lm.runs",
 }
 _MODULES = ("checkpoint", "data", "distributed", "generation", "hf", "kernels", "logging_utils", "loop", "losses",
-            "model", "optim", "presets", "runs", "sampling", "sharding", "stages", "tokenizer", "train_step")
+            "model", "optim", "presets", "runs", "sampling", "sharding", "stages", "tokenizer", "tokenizers",
+            "train_step")
 
 __all__ = ["ModelConfig", *sorted(_ATTRS), *_MODULES]
 __getattr__, __dir__ = _lazy.attributes(__name__, _ATTRS, _MODULES)

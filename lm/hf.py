@@ -1,8 +1,15 @@
-"""Hugging Face checkpoints <-> (`ModelConfig`, params): `load(path)` and `save(cfg, params, path)`.
+"""Hugging Face checkpoints <-> (`ModelConfig`, params): `load(path)`, `save(cfg, params, path)` and `export_run`.
 
 Reads and writes safetensors directly with NumPy (no torch): tensors are read one at a time, split or
 transposed into our layout and written into the scanned `[n_layers, ...]` leaves, so peak memory is one
 copy of the model plus one tensor. Supported architectures and their layouts live in `lm.hf_arch`.
+
+A reward model (`Transformer(cfg, head="scalar")`, params with a `score` head) is written as its family's
+`*ForSequenceClassification` (`num_labels=1`, `score.weight` [1, d], the causal LM's trunk tensors) and read back.
+transformers scores the last token that is not `config.pad_token_id` (right or left padding), as
+`rl.reward.score_responses` reads `last_index` when pad differs from eos; a tokenizer without a pad token (ours is
+then eos) gets `pad_token_id: null`, with which transformers scores the last token and refuses batches of several
+sequences (score them one at a time, unpadded).
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 # Buffers some checkpoints store that are recomputed rather than learned.
 _IGNORED = re.compile(r"(rotary_(pos_)?emb\.inv_freq|(attn|attention)\.(bias|masked_bias))$")
+_SCORE_BIAS = "score/bias"
 _COMPARE_SKIP = ("dtype", "param_dtype", "attention_impl", "remat", "scan_unroll", "init_std", "embed_grad_scale")
 
 
@@ -83,9 +91,9 @@ def _dtype_name(dtype) -> str:
     return np.dtype(dtype).name
 
 
-def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+def _expected_shapes(cfg: ModelConfig, head: str = "lm") -> dict[str, tuple]:
     """Our parameter leaves as slash-joined paths -> shapes (nothing allocated)."""
-    tree = jax.eval_shape(lambda r: init_params(cfg, r), jax.random.key(0))
+    tree = jax.eval_shape(lambda r: init_params(cfg, r, head), jax.random.key(0))
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {"/".join(k.key for k in path): tuple(x.shape) for path, x in flat}
 
@@ -104,15 +112,32 @@ def _get(tree: dict, path: str):
 
 
 def _check_cover(arch: hf_arch.Arch, maps, shapes: dict):
-    """Every leaf of our model comes from exactly the tensors of `maps` (a mapping bug otherwise)."""
-    covered = {o for m in maps for o in m.ours}
+    """Every leaf of our model comes from exactly the tensors of `maps` (a mapping bug otherwise); the score bias
+    has no HF tensor (it must be zero)."""
+    covered = {o for m in maps for o in m.ours} | ({_SCORE_BIAS} & set(shapes))
     if covered != set(shapes):
         raise ValueError(f"{arch.name} tensor map does not match the model: leaves without a tensor "
                          f"{sorted(set(shapes) - covered)}, unknown leaves {sorted(covered - set(shapes))}")
 
 
+def head_of(path) -> str:
+    """"scalar" when the Hugging Face directory `path` holds a reward model (config.json's architecture is a
+    `*ForSequenceClassification`), else "lm"."""
+    archs = _read_json(pathlib.Path(path) / "config.json").get("architectures") or [None]
+    return hf_arch.head_of(archs[0])
+
+
+def _num_labels(hf: dict) -> int:
+    """num_labels as transformers resolves it: the `id2label` entries, else `num_labels`, else 2."""
+    id2label = hf.get("id2label")
+    return len(id2label) if id2label else int(hf.get("num_labels") or 2)
+
+
 def load(path, *, dtype=None) -> tuple[ModelConfig, dict]:
     """Read a Hugging Face directory (config.json + model.safetensors or a sharded index).
+
+    A `*ForSequenceClassification` directory (see `head_of`) must have one label; its params get a `score` head
+    (`Transformer(cfg, head="scalar")`) whose bias, which transformers' score layer lacks, is zero.
 
     Args:
       path: the directory `save_pretrained` wrote.
@@ -125,15 +150,20 @@ def load(path, *, dtype=None) -> tuple[ModelConfig, dict]:
     path = pathlib.Path(path)
     hf = hf_arch.HFConfig(_read_json(path / "config.json"))
     archs = hf.get("architectures") or [None]
-    arch = hf_arch.get(archs[0])
+    arch, head = hf_arch.get(archs[0]), hf_arch.head_of(archs[0])
+    if head == "scalar" and _num_labels(hf) != 1:
+        raise ValueError(f"{path} is a {archs[0]} with {_num_labels(hf)} labels; only a reward model (num_labels=1) "
+                         "maps onto our scalar head")
     target = _dtype_name(dtype or hf.get("dtype") or hf.get("torch_dtype") or "float32")
     fields = arch.from_hf(hf)
     hf_arch.check_consumed(hf, arch.name)
     cfg = ModelConfig(**fields, dtype=target, param_dtype=target)
-    shapes = _expected_shapes(cfg)
-    maps = arch.tensors(cfg)
+    shapes = _expected_shapes(cfg, head)
+    maps = arch.tensor_maps(cfg, head)
     _check_cover(arch, maps, shapes)
     params: dict = {}
+    if head == "scalar":
+        _set(params, _SCORE_BIAS, np.zeros(shapes[_SCORE_BIAS], target))
     with contextlib.ExitStack() as stack:
         reader = _Reader(path, stack)
         for m in maps:
@@ -178,9 +208,11 @@ def _canonical(cfg: ModelConfig) -> dict:
     return d
 
 
-def _hf_config(cfg: ModelConfig, arch: hf_arch.Arch) -> dict:
-    """`arch`'s config.json for `cfg`; an error lists every field the architecture cannot express."""
-    hf = dict(arch.to_hf(cfg), architectures=[arch.name], dtype=cfg.param_dtype)
+def _hf_config(cfg: ModelConfig, arch: hf_arch.Arch, head: str = "lm") -> dict:
+    """`arch`'s config.json for `cfg` (with `head`); an error lists every field the architecture cannot express."""
+    hf = dict(arch.to_hf(cfg), architectures=[hf_arch.hf_name(arch, head)], dtype=cfg.param_dtype)
+    if head == "scalar":  # one label, written as transformers writes num_labels=1
+        hf.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     ours, back = _canonical(cfg), _canonical(ModelConfig(**arch.from_hf(hf)))
     diff = [f"{k}={ours[k]!r} ({arch.name} gives {back.get(k)!r})" for k in ours if ours[k] != back.get(k)]
     if diff:
@@ -188,9 +220,16 @@ def _hf_config(cfg: ModelConfig, arch: hf_arch.Arch) -> dict:
     return hf
 
 
-def save(cfg: ModelConfig, params, path, *, architecture: Optional[str] = None,
+def save(cfg: ModelConfig, params, path, *, architecture: Optional[str] = None, head: Optional[str] = None,
          max_shard_size: int = 5 * 2**30, extra_config: Optional[dict] = None) -> pathlib.Path:
-    """Write `params` of `Transformer(cfg)` as a Hugging Face directory `transformers` can load.
+    """Write `params` of `Transformer(cfg, head)` as a Hugging Face directory `transformers` can load.
+
+    A language model (head "lm") is written as the causal LM; a reward model (head "scalar") as the family's
+    `*ForSequenceClassification` with one label (`AutoModelForSequenceClassification` loads it): `score.weight`
+    holds our `score/kernel`. transformers' score layer has no bias, so a non-zero `score/bias` is refused; a
+    trained reward model's bias stays 0 (the ranking loss ignores shifts), but `rl.reward.normalize_head` folds the
+    score mean into it: export the raw params and apply `reward_norm.json` yourself. The scored token is the last
+    one that is not `pad_token_id` (pass it in `extra_config`; see the module docstring).
 
     Args:
       cfg, params: the model (params as from `init_params` or `load`; leaves keep their dtype).
@@ -203,22 +242,39 @@ def save(cfg: ModelConfig, params, path, *, architecture: Optional[str] = None,
         output bias -> Qwen2, partial RoPE -> Phi-3, a sliding window -> Mistral, other RoPE (scaled or not)
         -> LLaMA. Baichuan and ChatGLM are remote-code architectures: `transformers` needs their modeling code
         to instantiate them. ChatGLM2/3-6B is written only when asked for (`architecture="ChatGLMModel"` with
-        a config that is not ChatGLM-6B's).
+        a config that is not ChatGLM-6B's). A reward model may be named by either of its family's names (e.g.
+        `LlamaForCausalLM` or `LlamaForSequenceClassification`); families without a sequence-classification
+        class in transformers (Baichuan, ChatGLM) are refused.
+      head: "lm" or "scalar"; None: "scalar" when `params` hold a `score` head, else "lm".
       max_shard_size: bytes per safetensors file; larger models are sharded with an index.
       extra_config: entries added to config.json, e.g. `{"bos_token_id": 1, "eos_token_id": 2}` (a
         `ModelConfig` knows no token ids, so they are written as null unless given here).
     Returns:
       The directory.
     """
-    arch = hf_arch.get(architecture or hf_arch.default_for(cfg))
-    hf = _hf_config(cfg, arch)
     params = nn.unbox(params)
-    shapes = _expected_shapes(cfg)
+    head = head or ("scalar" if "score" in params else "lm")
+    arch = hf_arch.get(architecture or hf_arch.default_for(cfg))
+    if architecture is not None and hf_arch.head_of(architecture) == "scalar" and head != "scalar":
+        raise ValueError(f"architecture {architecture} is a reward model, but the params have a {head!r} head")
+    hf = _hf_config(cfg, arch, head)
+    shapes = _expected_shapes(cfg, head)
     for leaf, shape in shapes.items():
-        got = tuple(np.shape(_get(params, leaf)))
+        try:
+            got = tuple(np.shape(_get(params, leaf)))
+        except KeyError:
+            raise ValueError(f"params lack {leaf!r}, which Transformer(cfg, head={head!r}) has") from None
         if got != shape:
             raise ValueError(f"param {leaf!r} has shape {got}, but cfg implies {shape}")
-    maps = arch.tensors(cfg)
+    if head == "scalar":
+        bias = np.asarray(_get(params, _SCORE_BIAS), np.float32)
+        if np.any(bias != 0):
+            raise ValueError(f"the score head's bias is {bias.tolist()}, but {hf['architectures'][0]}'s score layer "
+                             "has no bias, so the model cannot be written exactly. A trained reward model's bias stays "
+                             "0; a non-zero one usually means the params were normalised (rl.reward.normalize_head, "
+                             "as rl.reward.load does by default): export the raw run (lm.load / normalize=False) "
+                             "and normalise scores with its reward_norm.json instead")
+    maps = arch.tensor_maps(cfg, head)
     _check_cover(arch, maps, shapes)
 
     entries = []  # (hf name, map, layer index or None, bytes)
@@ -257,3 +313,44 @@ def save(cfg: ModelConfig, params, path, *, architecture: Optional[str] = None,
     hf["dtype"] = _dtype_name(_get(params, "embed/embedding").dtype)
     (path / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
     return path
+
+
+REWARD_NORM = "reward_norm.json"  # rl.reward.NORM_FILE (lm does not import rl): score mean/std of the SFT policy
+
+
+def export_run(run, out, *, architecture: Optional[str] = None, dtype=None) -> pathlib.Path:
+    """Write the model and tokenizer of a run directory (any stage) as a Hugging Face directory.
+
+    The model is the one `lm.load` gives: the policy of a pretraining, SFT, DPO or PPO run (a causal LM), the
+    raw, unnormalised reward model of a reward run (a `*ForSequenceClassification`, see `save`). config.json
+    gets the tokenizer's bos/eos/pad ids (pad null when the tokenizer has none and pads with eos); the
+    tokenizer is written with `lm.tokenizers.save`. A reward run's `reward_norm.json` ({"mean", "std"} of the
+    SFT policy's scores) is copied beside: `(score - mean) / std` is the normalised reward `rl.reward.load` gives.
+
+    Args:
+      run: a run directory (or its `checkpoints/`), or a Hugging Face directory.
+      out: output directory (created).
+      architecture: HF architecture name; None picks it from the model config (see `save`).
+      dtype: dtype of the written weights (e.g. "bfloat16"); None keeps the checkpoint's.
+    Returns:
+      The output directory.
+    """
+    from lm import runs, tokenizers
+
+    run = str(run)
+    if runs.is_hf_dir(run):
+        cfg, params = load(run)
+        tok_dir = run
+    else:
+        cfg, params, _ = runs.load(run)
+        tok_dir = runs.run_dir(runs.checkpoint_dir(run))
+    tok = tokenizers.load(tok_dir)
+    params = jax.tree.map(lambda a: np.asarray(a) if dtype is None else np.asarray(a).astype(dtype), params)
+    pad = None if getattr(tok, "pad_is_eos", False) else tok.pad_id
+    out = save(cfg, params, out, architecture=architecture, extra_config={
+        "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": pad})
+    tokenizers.save(tok, out)
+    norm = pathlib.Path(tok_dir) / REWARD_NORM
+    if "score" in params and norm.is_file():
+        (out / REWARD_NORM).write_bytes(norm.read_bytes())
+    return out

@@ -1,6 +1,7 @@
 """Run directories: what a stage reads from the run it starts from, what it leaves for the next, and `load`.
 
-A run directory is self-contained: `config.json` (the resolved run config), `tokenizer.model`,
+A run directory is self-contained: `config.json` (the resolved run config), its tokenizer (`tokenizer.model`, or
+the files of a checkpoint's tokenizer: `tokenizer.json`, `tokenizer_config.json`, ...),
 `metrics.jsonl`, `tensorboard/` and `checkpoints/`, whose metadata holds the model config (`model`) and
 which parameters are the policy (`head`, or for runs that train several models `params`/`policy`, e.g. a PPO
 run's `{"actor": "lm", "critic": "scalar"}` with policy `actor`). `load` turns any of them, or a Hugging Face
@@ -18,7 +19,7 @@ from typing import Optional
 import jax
 from absl import logging
 
-from lm import checkpoint, distributed, presets, sharding
+from lm import checkpoint, distributed, presets, sharding, tokenizers
 from lm.config import ModelConfig
 from lm.model import abstract_params
 from lm.tokenizer import Tokenizer
@@ -70,11 +71,23 @@ def model_config(config, base: Optional[dict] = None) -> ModelConfig:
 def init_from(config):
     """`(model_config_dict, init_params)` of `config.init_from` (None, None when it is empty).
 
-    init_params maps the abstract params of a policy (language-model head, with shardings) to the run's
-    newest saved policy: the params of an LM run, the actor of a PPO run; a reward model is refused.
+    init_params maps the abstract params of a policy (language-model head, with shardings) to the newest
+    saved policy of a run (the params of an LM run, the actor of a PPO run; a reward model is refused), or
+    to the weights of a Hugging Face directory (read on the host once, then placed as the abstract says).
     """
     if not config.init_from:
         return None, None
+    if is_hf_dir(config.init_from):
+        from lm import hf
+
+        if hf.head_of(config.init_from) != "lm":
+            raise ValueError(f"init_from {config.init_from} is not a language model (a policy starts from one)")
+        cfg, params = hf.load(config.init_from)
+
+        def init_hf(abstract):
+            return jax.tree.map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding), params, abstract)
+
+        return cfg.to_dict(), init_hf
     meta = load_meta(config.init_from)
     cfg = ModelConfig.from_dict(meta["model"])
 
@@ -86,7 +99,7 @@ def init_from(config):
     return meta["model"], init_params
 
 
-def check_vocab(tokenizer: Tokenizer, model_cfg: ModelConfig) -> None:
+def check_vocab(tokenizer, model_cfg: ModelConfig) -> None:
     """Every token id must have an embedding row."""
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids but the model's vocab_size is "
@@ -105,26 +118,48 @@ def text_files(path: str, name: str = "data.path") -> list[str]:
     return [path]
 
 
-def run_tokenizer(workdir: str, source: str = "", train_on: Optional[str] = None, vocab_size: int = 0) -> Tokenizer:
-    """The run's tokenizer, kept as `WORKDIR/tokenizer.model`.
+def _copy_tokenizer(source: str, workdir: str) -> None:
+    """Copy the files of the tokenizer at `source` (any path `lm.tokenizers.load` reads) into `workdir`."""
+    tok = tokenizers.load(source)
+    if isinstance(tok, tokenizers.ProjectTokenizer) or os.path.isfile(source):
+        files = {tok.path: TOKENIZER}
+    else:  # a directory: the tokenizer's files beside its model file
+        names = (tokenizers.TOKENIZER_JSON, tokenizers.SP_MODEL, tokenizers.CONFIG, tokenizers.SPECIAL_MAP,
+                 tokenizers.TEMPLATE_FILE)
+        files = {os.path.join(source, n): n for n in names if os.path.isfile(os.path.join(source, n))}
+    for src, name in files.items():
+        if os.path.abspath(src) != os.path.abspath(os.path.join(workdir, name)):
+            shutil.copyfile(src, os.path.join(workdir, name))
 
-    Copied from `source` when given; otherwise, unless the run already has one, trained on the text under
-    `train_on` with `vocab_size` ids (by process 0; the others wait).
+
+def run_tokenizer(workdir: str, source: str = "", train_on: Optional[str] = None, vocab_size: int = 0,
+                  chat_template: str = ""):
+    """The run's tokenizer, kept in `workdir` (`tokenizer.model`, or a checkpoint's tokenizer files).
+
+    Copied from `source` (a `.model` file, a Hugging Face or run directory) when given; otherwise, unless the
+    run already has one, trained on the text under `train_on` with `vocab_size` ids (by process 0; the others
+    wait). `chat_template` (a Jinja file, or "chatml"), when given, replaces the tokenizer's chat template
+    and is kept as `WORKDIR/chat_template.jinja`, so later stages use it too.
     """
     target = os.path.join(workdir, TOKENIZER)
     if distributed.is_primary():
         os.makedirs(workdir, exist_ok=True)
         if source:
-            src = Tokenizer.load(source).path
-            if os.path.abspath(src) != os.path.abspath(target):
-                shutil.copyfile(src, target)
-        elif not os.path.exists(target):
+            _copy_tokenizer(source, workdir)
+        elif not any(os.path.exists(os.path.join(workdir, n)) for n in (TOKENIZER, tokenizers.TOKENIZER_JSON)):
             if train_on is None:
                 raise ValueError("no tokenizer: set data.tokenizer (or init_from a run that has one)")
             logging.info("training a %d-piece tokenizer on %s", vocab_size, train_on)
             Tokenizer.train(text_files(train_on), vocab_size, target[:-len(".model")])
+        if chat_template:
+            with open(os.path.join(workdir, tokenizers.TEMPLATE_FILE), "w", encoding="utf-8") as f:
+                f.write(tokenizers.chat_template_source(chat_template))
     distributed.barrier("tokenizer")
-    return Tokenizer.load(target)
+    tok = tokenizers.load(workdir)
+    if chat_template and isinstance(tok, tokenizers.ProjectTokenizer):
+        raise ValueError(f"data.chat_template={chat_template!r}: the project tokenizer has its own chat format "
+                         "(lm.data.chat); a template applies to a checkpoint's tokenizer")
+    return tok
 
 
 def save_config(config, workdir: str) -> None:
@@ -139,8 +174,8 @@ def start(config, workdir: str, *, needs: str = "", train_on: Optional[str] = No
     """The common start of a stage: `(model config, init_params, tokenizer)`, config saved in `workdir`.
 
     The model is `config.init_from`'s (with runtime overrides) or the preset's; the tokenizer is
-    `config.data.tokenizer`, else the `init_from` run's, else (pretraining) one trained on `train_on`; it is
-    kept as `WORKDIR/tokenizer.model`. `needs`, when given, makes `init_from` required and completes the error.
+    `config.data.tokenizer`, else the `init_from` run's or Hugging Face directory's, else (pretraining) one
+    trained on `train_on`; it is kept in `WORKDIR` (`run_tokenizer`), with `data.chat_template` if set. `needs`, when given, makes `init_from` required and completes the error.
     """
     if needs and not config.init_from:
         raise ValueError(f"config.init_from must name the run {needs}")
@@ -148,8 +183,8 @@ def start(config, workdir: str, *, needs: str = "", train_on: Optional[str] = No
     model_cfg = model_config(config, base_model)
     source = config.data.tokenizer
     if not source and config.init_from:
-        source = os.path.join(run_dir(checkpoint_dir(config.init_from)), TOKENIZER)
-    tok = run_tokenizer(workdir, source, train_on, vocab_size)
+        source = config.init_from if is_hf_dir(config.init_from) else run_dir(checkpoint_dir(config.init_from))
+    tok = run_tokenizer(workdir, source, train_on, vocab_size, config.data.get("chat_template", ""))
     check_vocab(tok, model_cfg)
     save_config(config, workdir)
     return model_cfg, init_params, tok
@@ -222,7 +257,7 @@ def _read_policy(path: str, meta: dict, head: Optional[str], target):
 
 
 def load(path: str, *, mesh=None, rules=None, head: Optional[str] = None, cfg: Optional[ModelConfig] = None,
-         tokenizer: Optional[str] = None) -> tuple[ModelConfig, dict, Optional[Tokenizer]]:
+         tokenizer: Optional[str] = None) -> tuple[ModelConfig, dict, Optional[tokenizers.TokenizerLike]]:
     """`(ModelConfig, params, tokenizer)` of a run directory of any stage, or of a Hugging Face directory.
 
     A run's newest intact checkpoint gives its model: the policy for pretraining, SFT, DPO and PPO runs (a
@@ -231,7 +266,8 @@ def load(path: str, *, mesh=None, rules=None, head: Optional[str] = None, cfg: O
     directories only), when given, must be the same model as the saved one (it may differ in
     RUNTIME_FIELDS, e.g. param_dtype); the params are loaded in its layout and it is the config returned.
     Params land on `mesh` under `rules` (default lm.sharding.RULES) or, without a mesh, on the first local
-    device. The tokenizer is `tokenizer` (a path), else the run's `tokenizer.model`, else None.
+    device. The tokenizer (`lm.tokenizers.load`) is `tokenizer` (a path), else the run's or Hugging Face
+    directory's own, else None.
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such directory (expected a run directory or a Hugging Face one)")
@@ -239,11 +275,13 @@ def load(path: str, *, mesh=None, rules=None, head: Optional[str] = None, cfg: O
     if is_hf_dir(path):
         from lm import hf
 
-        if head not in (None, "lm"):
-            raise ValueError(f"{path} is a Hugging Face language model, not the {head!r} head asked for")
+        held = hf.head_of(path)  # a *ForSequenceClassification directory holds a reward model
+        if head is not None and head != held:
+            raise ValueError(f"{path} is a Hugging Face {'reward model' if held == 'scalar' else 'language model'} "
+                             f"({held!r} head), not the {head!r} head asked for")
         cfg, params = hf.load(path)
         if mesh is not None:
-            params = jax.device_put(params, jax.tree.map(lambda a: a.sharding, abstract_params(cfg, "lm", mesh, rules)))
+            params = jax.device_put(params, jax.tree.map(lambda a: a.sharding, abstract_params(cfg, held, mesh, rules)))
     else:
         meta = load_meta(path)
         saved = ModelConfig.from_dict(meta["model"])
@@ -252,6 +290,7 @@ def load(path: str, *, mesh=None, rules=None, head: Optional[str] = None, cfg: O
         cfg = cfg or saved
         params = _read_policy(path, meta, head, lambda h: abstract_params(cfg, h, mesh, rules))
     if tokenizer is None:
-        candidate = os.path.join(path if is_hf_dir(path) else run_dir(checkpoint_dir(path)), TOKENIZER)
-        tokenizer = candidate if os.path.isfile(candidate) else None
-    return cfg, params, Tokenizer.load(tokenizer) if tokenizer else None
+        home = path if is_hf_dir(path) else run_dir(checkpoint_dir(path))
+        has = any(os.path.isfile(os.path.join(home, n)) for n in (TOKENIZER, tokenizers.TOKENIZER_JSON))
+        tokenizer = home if has else None
+    return cfg, params, tokenizers.load(tokenizer) if tokenizer else None

@@ -38,12 +38,13 @@ def pretrain(config, workdir: str) -> str:
 
 
 def sft(config, workdir: str) -> str:
-    """Supervised fine-tuning on `{prompt, response}` JSONL (`data.path`), the loss on response tokens only."""
+    """Supervised fine-tuning on the SFT rows under `data.path` (any format and schema of lm.data.builders,
+    multi-turn included), in the tokenizer's chat template, the loss on every assistant reply."""
     d = config.data
     model_cfg, init_params, tok = runs.start(config, workdir)
     if init_params is None:
         logging.warning("config.init_from is empty: fine-tuning a randomly initialised %s", config.model.preset)
-    kw = dict(runs.data_kwargs(config), pack=d.pack, overlong=d.overlong)
+    kw = dict(runs.data_kwargs(config), pack=d.pack, overlong=d.overlong, field_map=d.field_map)
     eval_data = data.sft_dataset(d.path, tok, split="eval", **kw) if config.train.eval_every else None
     return _fit_lm(config, workdir, "sft", model_cfg, init_params, data.sft_dataset(d.path, tok, split="train", **kw),
                    eval_data)

@@ -3,6 +3,9 @@
 Ids 0-3 are pad, unk, bos, eos; then the control tokens in `SPECIAL_TOKENS` (GLM blank infilling and chat
 roles). Control tokens are never produced from text: `encode("[MASK]")` gives ordinary pieces, and the
 data code inserts special tokens by id, so user text cannot forge a role marker.
+
+`load(path)` reads any tokenizer (this one, any SentencePiece model, a Hugging Face `tokenizer.json`) behind
+one interface (`lm.tokenizers`); `Tokenizer.train` trains this project's own.
 """
 from __future__ import annotations
 
@@ -21,6 +24,14 @@ SPECIAL_TOKENS = (MASK, GMASK, SOP, EOP, SYSTEM, USER, ASSISTANT)
 def missing_special_tokens(sp: spm.SentencePieceProcessor) -> list[str]:
     """The special tokens this project's tokenizers carry that SentencePiece model `sp` lacks."""
     return [t for t in (PAD, BOS, EOS, *SPECIAL_TOKENS) if sp.PieceToId(t) == sp.unk_id()]
+
+
+def load(path: str):
+    """Any tokenizer: a `.model` SentencePiece file (this project's or any other), a directory holding
+    `tokenizer.json` / `tokenizer.model` (+ `tokenizer_config.json`), or a run directory; see `lm.tokenizers`."""
+    from lm import tokenizers
+
+    return tokenizers.load(path)
 
 
 class Tokenizer:

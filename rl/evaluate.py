@@ -19,22 +19,21 @@ import jax
 import numpy as np
 
 from lm import sharding
-from lm.data.chat import format_prompt, format_response
+from lm.data.chat import format_prompt, format_response, stop_id
 from lm.generation import generate
-from lm.tokenizer import Tokenizer
 from rl.dpo import sequence_logprobs
 from rl.reward import score_responses
 
 
-def response_text(tok: Tokenizer, ids) -> str:
-    """A response's text: its tokens up to (not including) eos."""
-    ids = list(ids)
-    if tok.eos_id in ids:
-        ids = ids[:ids.index(tok.eos_id)]
+def response_text(tok, ids) -> str:
+    """A response's text: its tokens up to (not including) eos (or the chat template's end of turn)."""
+    ids, stop = list(ids), stop_id(tok)
+    if stop in ids:
+        ids = ids[:ids.index(stop)]
     return tok.decode(ids).strip()
 
 
-def sample(cfg, params, tok: Tokenizer, prompts: Sequence[str], *, temperature: float, max_new_tokens: int,
+def sample(cfg, params, tok, prompts: Sequence[str], *, temperature: float, max_new_tokens: int,
            batch_size: int, seed: int) -> list[str]:
     """One response per prompt (chat-formatted), generated in fixed-size batches (one compilation)."""
     out = []
@@ -42,19 +41,19 @@ def sample(cfg, params, tok: Tokenizer, prompts: Sequence[str], *, temperature: 
         chunk = prompts[start:start + batch_size]
         ids = [list(format_prompt(tok, p)) for p in chunk]
         ids += [ids[-1]] * (batch_size - len(ids))  # pad the last batch to the compiled size
-        new = generate(cfg, params, ids, max_new_tokens, temperature=temperature, eos_id=tok.eos_id,
+        new = generate(cfg, params, ids, max_new_tokens, temperature=temperature, eos_id=stop_id(tok),
                        seed=seed + start)
         out += [response_text(tok, r) for r in new[:len(chunk)]]
     return out
 
 
-def pack(tok: Tokenizer, prompts: Sequence[str], responses: Sequence[str], width: int):
+def pack(tok, prompts: Sequence[str], responses: Sequence[str], width: int):
     """Right-padded `prompt + response + eos` rows `[N, width]` and a float mask of the response tokens."""
     tokens = np.zeros((len(prompts), width), np.int32)
     mask = np.zeros((len(prompts), width), np.float32)
     for i, (p, r) in enumerate(zip(prompts, responses)):
         prompt = format_prompt(tok, p)
-        ids = np.concatenate([prompt, format_response(tok, r)])
+        ids = np.concatenate([prompt, format_response(tok, r, p)])
         if len(ids) > width:
             raise ValueError(f"prompt {p!r} with response {r!r} takes {len(ids)} tokens, more than {width}; "
                              "raise the scoring width (eval.seq_len / data.seq_len)")
@@ -92,7 +91,7 @@ def _layout(mesh, rules):
         yield
 
 
-def scores(cfg, params, tok: Tokenizer, prompts: Sequence[str], responses: Sequence[str], *, width: int,
+def scores(cfg, params, tok, prompts: Sequence[str], responses: Sequence[str], *, width: int,
            batch_size: int, mesh=None, rules=None) -> np.ndarray:
     """Reward-model scores `[N]` of responses to their prompts (the scalar head's value at each response's eos).
 
@@ -107,7 +106,7 @@ def scores(cfg, params, tok: Tokenizer, prompts: Sequence[str], responses: Seque
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
-def logprobs(cfg, params, tok: Tokenizer, prompts: Sequence[str], responses: Sequence[str], *, temperature: float,
+def logprobs(cfg, params, tok, prompts: Sequence[str], responses: Sequence[str], *, temperature: float,
              width: int, batch_size: int) -> np.ndarray:
     """Log-probability of each response given its prompt under `softmax(logits / temperature)`, `[N]`."""
     out = []
@@ -136,7 +135,7 @@ def mean_stderr(x) -> dict:
     return {"mean": float(x.mean()), "stderr": float(x.std(ddof=1) / np.sqrt(len(x)))}
 
 
-def reward_accuracy(cfg, params, tok: Tokenizer, rows: Sequence[Mapping], *, width: int, batch_size: int) -> dict:
+def reward_accuracy(cfg, params, tok, rows: Sequence[Mapping], *, width: int, batch_size: int) -> dict:
     """Held-out pairwise accuracy of a reward model on ranked rows `{prompt, responses, ranks}`."""
     flat = scores(cfg, params, tok, [r["prompt"] for r in rows for _ in r["responses"]],
                   [x for r in rows for x in r["responses"]], width=width, batch_size=batch_size)
@@ -145,7 +144,7 @@ def reward_accuracy(cfg, params, tok: Tokenizer, rows: Sequence[Mapping], *, wid
     return {"heldout_accuracy": acc, "heldout_pairs": pairs, "heldout_prompts": len(rows)}
 
 
-def compare_policies(policies: Mapping[str, tuple], reference: str, tok: Tokenizer, prompts: Sequence[str],
+def compare_policies(policies: Mapping[str, tuple], reference: str, tok, prompts: Sequence[str],
                      grade: Callable[[str, str], Mapping[str, float]], *, temperature: float, max_new_tokens: int,
                      batch_size: int, seq_len: int, seed: int, examples: int = 5) -> dict:
     """Sample every policy on `prompts` with one seed, grade the answers, and compare each with `reference`.

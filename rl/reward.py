@@ -152,13 +152,15 @@ def save_normalization(workdir: str, mean: float, std: float, count: int) -> str
 
 
 def load(run_dir: str, *, cfg: Optional[ModelConfig] = None, mesh=None, rules=None, normalize: bool = True):
-    """`(ModelConfig, params)` of a trained reward model (a reward run's newest intact checkpoint).
+    """`(ModelConfig, params)` of a trained reward model: a reward run's newest intact checkpoint, or a Hugging
+    Face `*ForSequenceClassification` directory (e.g. exported by `python -m experiments.export`).
 
     Params land on `mesh` under `rules`, in the layout of `cfg` when given (lm.runs.load). With `normalize` and a `reward_norm.json` in the run
     directory, the head is rescaled (`normalize_head`) so the SFT policy's responses score with mean 0, std 1.
     """
     cfg, params, _ = runs.load(run_dir, mesh=mesh, rules=rules, head="scalar", cfg=cfg)
-    norm = os.path.join(runs.run_dir(runs.checkpoint_dir(run_dir)), NORM_FILE)
+    home = run_dir if runs.is_hf_dir(run_dir) else runs.run_dir(runs.checkpoint_dir(run_dir))
+    norm = os.path.join(home, NORM_FILE)
     if normalize and os.path.exists(norm):
         with open(norm) as f:
             stats = json.load(f)

@@ -70,7 +70,7 @@ def reward(config, workdir: str) -> str:
         return jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), params, abstract)
 
     d = config.data
-    kw = dict(runs.data_kwargs(config), k=d.k, overlong=d.overlong)
+    kw = dict(runs.data_kwargs(config), k=d.k, overlong=d.overlong, field_map=d.field_map)
     eval_data = data.preference_dataset(d.path, tok, split="eval", **kw) if config.train.eval_every else None
     state = loop.fit(config, workdir, loss_fn=reward_lib.reward_loss_fn(model_cfg),
                      build_params=lambda rng: boxed_params(model_cfg, rng, head="scalar"),
@@ -79,7 +79,7 @@ def reward(config, workdir: str) -> str:
     if hp.normalize:
         # One pass over the training split, as the trainer tokenises it (each response once).
         rows = len(builders.data_source("preference", d.path, "train", cache_dir=d.cache_dir or None,
-                                        eval_fraction=d.eval_fraction))
+                                        eval_fraction=d.eval_fraction, field_map=d.field_map))
         per_process = -(-rows // jax.process_count())
         num_batches = -(-per_process // runs.local_batch_size(config))
         if hp.normalize_batches:
@@ -100,7 +100,7 @@ def dpo(config, workdir: str) -> str:
     mesh, rules = loop.mesh_and_rules(config)
     ref = sft_params(abstract_params(model_cfg, "lm", mesh, rules))
     d = config.data
-    kw = dict(runs.data_kwargs(config), k=d.k, overlong=d.overlong)
+    kw = dict(runs.data_kwargs(config), k=d.k, overlong=d.overlong, field_map=d.field_map)
 
     def dataset(split):
         prefs = data.preference_dataset(d.path, tok, split=split, **kw)
@@ -139,7 +139,7 @@ def ppo(config, workdir: str, on_iteration: Optional[Callable] = None) -> str:
     frozen = {"ref": sft_params(abstract_params(model_cfg, "lm", mesh, rules)), "reward": rm}
 
     n = jax.process_count()
-    prompts = data.read_prompts(config.data.path, tok, config.data.prompt_len)
+    prompts = data.read_prompts(config.data.path, tok, config.data.prompt_len, config.data.field_map)
     batches = data.prompt_dataset(prompts, width=config.data.prompt_len, batch_size=runs.local_batch_size(config),
                                   seed=config.seed, pad_id=tok.pad_id, process_index=jax.process_index(),
                                   process_count=n)
@@ -156,8 +156,8 @@ def ppo(config, workdir: str, on_iteration: Optional[Callable] = None) -> str:
                   else reward_lib.init_from_sft(model_cfg, frozen["ref"], jax.random.PRNGKey(config.seed), "zeros"))
         return ps.init_state(frozen["ref"], critic, tx, hp.kl_coef, jax.random.PRNGKey(config.seed), shardings)
 
-    steps = ps.make_steps(model_cfg, hp, tx, shardings, frozen_sh, mesh, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                          rules=rules, lr_schedule=lr)
+    steps = ps.make_steps(model_cfg, hp, tx, shardings, frozen_sh, mesh, eos_id=data.chat.stop_id(tok),
+                          pad_id=tok.pad_id, rules=rules, lr_schedule=lr)
 
     def step(state, batch):
         prompt_batch, ptx_batch = batch if hp.ptx_coef > 0 else (batch, None)

@@ -1,8 +1,15 @@
-"""The one chat template shared by SFT, reward modelling, PPO, DPO and the chat REPL.
+"""Chat formatting for SFT, reward modelling, PPO, DPO and the chat REPL, for any tokenizer.
 
-A conversation is `[bos] (<|system|> text)? (<|user|> text <|assistant|> reply [eos])* ...`: role markers
-and bos/eos are inserted by id (user text cannot forge them) and each reply ends with eos, so generation
-stops at eos. A prompt for generation ends right after `<|assistant|>`.
+With the project tokenizer (`lm.tokenizer.Tokenizer`) a conversation is
+`[bos] (<|system|> text)? (<|user|> text <|assistant|> reply [eos])* ...`: role markers and bos/eos are
+inserted by id (user text cannot forge them) and each reply ends with eos, so generation stops at eos. A
+prompt for generation ends right after `<|assistant|>`.
+
+With a checkpoint's tokenizer (`lm.tokenizers.HFTokenizer` / `SentencePieceTokenizer`) the checkpoint's own
+chat template is rendered, as transformers does (`apply_chat_template`): the loss mask covers each assistant
+reply and the end-of-turn token after it, and generation stops at that token (`stop_id`: e.g. `<|im_end|>`,
+`<|eot_id|>`, or eos). A reply's ids are the rendered conversation minus the rendered prompt, so a template
+must render `prompt + reply` as the prompt's text followed by the reply's (every common template does).
 """
 from __future__ import annotations
 
@@ -13,25 +20,15 @@ import numpy as np
 from lm.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
+_SENTINEL = "\uE000lm-reply\uE001"  # private-use characters: never in a template or a real message
 
 
 def _role_id(tokenizer: Tokenizer, role: str) -> int:
     return {"system": tokenizer.system_id, "user": tokenizer.user_id, "assistant": tokenizer.assistant_id}[role]
 
 
-def format_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of a conversation and its loss mask.
-
-    Args:
-      tokenizer: the project tokenizer.
-      messages: `[{"role": "system"|"user"|"assistant", "content": str}, ...]`; a system message may only
-        come first.
-
-    Returns:
-      `(ids, loss_mask)`, int32 and float32 `[N]`: loss_mask is 1 on every assistant reply token and the eos
-      closing it (what the model must learn to produce), 0 on bos, role markers, system and user text.
-    """
-    ids, mask = [tokenizer.bos_id], [0.0]
+def check_messages(messages: Sequence[Mapping[str, str]]) -> None:
+    """Roles are system/user/assistant, contents strings, and a system message comes only first."""
     for i, m in enumerate(messages):
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
@@ -40,10 +37,34 @@ def format_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]) -> 
             raise ValueError(f"message {i}: content must be a string, got {type(content).__name__}")
         if role == "system" and i != 0:
             raise ValueError(f"message {i}: a system message may only come first")
-        ids.append(_role_id(tokenizer, role))
+
+
+def _project(tokenizer) -> bool:
+    return isinstance(tokenizer, Tokenizer)
+
+
+def format_chat(tokenizer, messages: Sequence[Mapping[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of a conversation and its loss mask.
+
+    Args:
+      tokenizer: the project tokenizer or any `lm.tokenizers` backend with a chat template.
+      messages: `[{"role": "system"|"user"|"assistant", "content": str}, ...]`; a system message may only
+        come first.
+
+    Returns:
+      `(ids, loss_mask)`, int32 and float32 `[N]`: loss_mask is 1 on every assistant reply token and the
+      token closing it (eos, or the template's end of turn), 0 on everything else.
+    """
+    check_messages(messages)
+    if not _project(tokenizer):
+        ids, mask = tokenizer.apply_chat_template(messages, return_assistant_mask=True)
+        return np.asarray(ids, np.int32), np.asarray(mask, np.float32)
+    ids, mask = [tokenizer.bos_id], [0.0]
+    for m in messages:
+        ids.append(_role_id(tokenizer, m["role"]))
         mask.append(0.0)
-        body = tokenizer.encode(content)
-        if role == "assistant":
+        body = tokenizer.encode(m["content"])
+        if m["role"] == "assistant":
             ids += body + [tokenizer.eos_id]
             mask += [1.0] * (len(body) + 1)
         else:
@@ -52,18 +73,59 @@ def format_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]) -> 
     return np.asarray(ids, np.int32), np.asarray(mask, np.float32)
 
 
-def format_prompt(tokenizer: Tokenizer, prompt: str, *, system: Optional[str] = None,
-                  history: Sequence[Mapping[str, str]] = ()) -> np.ndarray:
-    """Token ids that ask the model for the assistant's reply to `prompt`: they end with `<|assistant|>`.
-
-    `history` holds earlier `{"role", "content"}` turns (user/assistant); `system` an optional system text.
-    `format_prompt(p)` followed by `format_response(r)` equals `format_chat` of the two turns.
-    """
-    messages = ([{"role": "system", "content": system}] if system is not None else []) + list(history)
-    ids, _ = format_chat(tokenizer, messages + [{"role": "user", "content": prompt}])
+def prompt_ids(tokenizer, messages: Sequence[Mapping[str, str]]) -> np.ndarray:
+    """Token ids that ask for the assistant's reply to `messages` (which end with a user message)."""
+    check_messages(messages)
+    if not messages or messages[-1]["role"] != "user":
+        raise ValueError("a prompt must end with a user message")
+    if not _project(tokenizer):
+        return np.asarray(tokenizer.apply_chat_template(messages, add_generation_prompt=True), np.int32)
+    ids, _ = format_chat(tokenizer, messages)
     return np.concatenate([ids, np.asarray([tokenizer.assistant_id], np.int32)])
 
 
-def format_response(tokenizer: Tokenizer, response: str) -> np.ndarray:
-    """Token ids of an assistant reply as it follows `format_prompt`: the text then eos."""
-    return np.asarray(tokenizer.encode(response) + [tokenizer.eos_id], np.int32)
+def _as_messages(prompt) -> list:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def format_prompt(tokenizer, prompt: str, *, system: Optional[str] = None,
+                  history: Sequence[Mapping[str, str]] = ()) -> np.ndarray:
+    """`prompt_ids` of the user message `prompt` after `history` (earlier user/assistant turns) and an
+    optional `system` text. `format_prompt(p)` then `format_response(r, p)` is `format_chat` of the two turns."""
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + list(history)
+    return prompt_ids(tokenizer, messages + [{"role": "user", "content": prompt}])
+
+
+def format_response(tokenizer, response: str, prompt=None) -> np.ndarray:
+    """Token ids of an assistant reply as it follows the prompt: the text then eos (project tokenizer), or
+    what the chat template renders after the prompt `prompt` (a user text or a message list, needed then)."""
+    if _project(tokenizer):
+        return np.asarray(tokenizer.encode(response) + [tokenizer.eos_id], np.int32)
+    if prompt is None:
+        raise ValueError("format_response with a chat template needs the prompt the reply answers")
+    messages = _as_messages(prompt)
+    check_messages(messages)
+    before = tokenizer.render_chat_template(messages, add_generation_prompt=True)
+    whole = tokenizer.render_chat_template(messages + [{"role": "assistant", "content": response}])
+    if not whole.startswith(before):
+        raise ValueError(f"the chat template of {tokenizer.path} does not render a reply after the generation "
+                         "prompt (prompt + reply is not the prompt's text followed by the reply's); cannot split "
+                         "prompt and reply")
+    # What follows the end-of-turn token (usually a newline) opens the next turn, not this reply.
+    return np.asarray(tokenizer.encode(whole[len(before):].rstrip()), np.int32)
+
+
+def stop_id(tokenizer) -> int:
+    """The id that ends an assistant reply, where generation stops: eos (project tokenizer), else the
+    special token the chat template puts right after a reply (the end of turn), else the tokenizer's eos."""
+    if _project(tokenizer):
+        return tokenizer.eos_id
+    if not hasattr(tokenizer, "_stop_id"):
+        text = tokenizer.render_chat_template([{"role": "user", "content": "hi"},
+                                               {"role": "assistant", "content": _SENTINEL}])
+        after = text[text.find(_SENTINEL) + len(_SENTINEL):]
+        ends = [s for s in tokenizer._special_strings() if s and after.startswith(s)]
+        tokenizer._stop_id = tokenizer.encode(max(ends, key=len))[0] if ends else tokenizer.eos_id
+    if tokenizer._stop_id is None:
+        raise ValueError(f"tokenizer {tokenizer.path} has no eos token and its chat template no end of turn")
+    return tokenizer._stop_id

@@ -24,8 +24,23 @@ class GlmTokens(NamedTuple):
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "GlmTokens":
-        """Takes the ids from an `lm.tokenizer.Tokenizer`."""
-        return cls(tokenizer.mask_id, tokenizer.gmask_id, tokenizer.sop_id, tokenizer.eop_id)
+        """The ids of an `lm.tokenizer.Tokenizer`, or of a checkpoint's tokenizer that has GLM's tokens under
+        one of the names in `GLM_PIECES` (ChatGLM's are `[MASK]`, `[gMASK]`, `<sop>`, `<eop>`)."""
+        if hasattr(tokenizer, "mask_id"):
+            return cls(tokenizer.mask_id, tokenizer.gmask_id, tokenizer.sop_id, tokenizer.eop_id)
+        ids = {name: next((i for p in pieces if (i := tokenizer.token_id(p)) is not None), None)
+               for name, pieces in GLM_PIECES.items()}
+        missing = [name for name, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"tokenizer {tokenizer.path} lacks GLM's {missing} tokens (looked for "
+                             f"{[GLM_PIECES[m] for m in missing]}): blank infilling needs them; use data.objective="
+                             "'causal' or a tokenizer that has them")
+        return cls(**ids)
+
+
+# Names GLM's special tokens go by in released tokenizers, tried in order.
+GLM_PIECES = {"mask": ("[MASK]",), "gmask": ("[gMASK]",), "sop": ("[sop]", "<sop>", "sop"),
+              "eop": ("[eop]", "<eop>", "eop")}
 
 
 def sample_spans(n: int, rng: np.random.Generator, *, mask_ratio: float = 0.15, poisson_lambda: float = 3.0,

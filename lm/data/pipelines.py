@@ -18,6 +18,7 @@ when no response token would survive.
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 from typing import Optional
 
@@ -27,7 +28,6 @@ from absl import logging
 
 from lm.data import builders, chat
 from lm.data.glm import GlmTokens, blank_infilling
-from lm.tokenizer import Tokenizer
 
 _READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
 
@@ -36,8 +36,10 @@ def _text(x) -> str:
     return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
-def _records(kind, path, split, *, seed, process_index, process_count, num_epochs, cache_dir, eval_fraction):
-    src = builders.data_source(kind, path, split, cache_dir=cache_dir, eval_fraction=eval_fraction)
+def _records(kind, path, split, *, seed, process_index, process_count, num_epochs, cache_dir, eval_fraction,
+             field_map=None):
+    src = builders.data_source(kind, path, split, cache_dir=cache_dir, eval_fraction=eval_fraction,
+                               field_map=field_map)
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
     ds = grain.MapDataset.source(src)[process_index::process_count]
@@ -85,7 +87,7 @@ class _Infill:
                 "prefix_len": np.int32(ex["prefix_len"])}
 
 
-def pretrain_dataset(path: str, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
+def pretrain_dataset(path: str, tokenizer, *, seq_len: int, batch_size: int, seed: int,
                      split: str = "train", process_index: int = 0, process_count: int = 1,
                      objective: str = "causal", num_epochs: Optional[int] = None, cache_dir: Optional[str] = None,
                      eval_fraction: float = 0.05, mask_ratio: float = 0.15, poisson_lambda: float = 3.0,
@@ -142,12 +144,12 @@ class _Overlong:
         return self.seq_len
 
 
-def _sft_example(r, tokenizer: Tokenizer, overlong: _Overlong) -> dict:
-    system = _text(r["system"])
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": _text(r["prompt"])}, {"role": "assistant", "content": _text(r["response"])}]
-    ids, mask = chat.format_chat(tokenizer, messages)
+def _sft_example(r, tokenizer, overlong: _Overlong) -> dict:
     source = _text(r["source"])
+    try:
+        ids, mask = chat.format_chat(tokenizer, json.loads(_text(r["messages"])))
+    except ValueError as e:
+        raise ValueError(f"example {source}: {e}") from e
     keep = overlong(len(ids) - 1, source)
     ex = {"inputs": ids[:-1][:keep], "targets": ids[1:][:keep], "loss_mask": mask[1:][:keep]}
     if not ex["loss_mask"].any():
@@ -156,11 +158,12 @@ def _sft_example(r, tokenizer: Tokenizer, overlong: _Overlong) -> dict:
     return ex
 
 
-def sft_dataset(path: str, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int, split: str = "train",
+def sft_dataset(path: str, tokenizer, *, seq_len: int, batch_size: int, seed: int, split: str = "train",
                 process_index: int = 0, process_count: int = 1, pack: bool = True, num_epochs: Optional[int] = None,
                 overlong: str = "error", cache_dir: Optional[str] = None, eval_fraction: float = 0.05,
-                num_packing_bins: Optional[int] = None) -> grain.IterDataset:
-    """Batches for supervised fine-tuning on `{prompt, response}` JSONL, in the `lm.data.chat` template.
+                num_packing_bins: Optional[int] = None, field_map=None) -> grain.IterDataset:
+    """Batches for supervised fine-tuning on SFT rows (any format and schema of `lm.data.builders`, columns
+    renamed by `field_map`), formatted by `lm.data.chat` (the tokenizer's chat template).
 
     The loss covers response tokens and their eos only. With `pack`, several examples share a row
     (grain's first-fit packing over `num_packing_bins`, default `batch_size`, bins); `segment_ids` number
@@ -169,7 +172,7 @@ def sft_dataset(path: str, tokenizer: Tokenizer, *, seq_len: int, batch_size: in
     """
     check = _Overlong(overlong, seq_len)
     ds = _records("sft", path, split, seed=seed, process_index=process_index, process_count=process_count,
-                  num_epochs=num_epochs, cache_dir=cache_dir, eval_fraction=eval_fraction)
+                  num_epochs=num_epochs, cache_dir=cache_dir, eval_fraction=eval_fraction, field_map=field_map)
     it = ds.map(lambda r: _sft_example(r, tokenizer, check)).to_iter_dataset(_READ)
     if pack:
         it = grain.experimental.FirstFitPackIterDataset(
@@ -186,17 +189,22 @@ def sft_dataset(path: str, tokenizer: Tokenizer, *, seq_len: int, batch_size: in
     return _batch(it, batch_size, num_epochs is not None)
 
 
-def _preference_example(r, tokenizer: Tokenizer, k: int, seq_len: int, overlong: _Overlong) -> dict:
+def _preference_example(r, tokenizer, k: int, seq_len: int, overlong: _Overlong) -> dict:
     source = _text(r["source"])
     responses, ranks = [_text(x) for x in r["responses"]], np.asarray(r["ranks"], np.int32)
     if len(responses) > k:
         raise ValueError(f"example {source} has {len(responses)} responses, more than k={k}")
-    prompt = chat.format_prompt(tokenizer, _text(r["prompt"]))
+    messages = json.loads(_text(r["prompt"]))
+    try:
+        prompt = chat.prompt_ids(tokenizer, messages)
+        replies = [chat.format_response(tokenizer, x, messages) for x in responses]
+    except ValueError as e:
+        raise ValueError(f"example {source}: {e}") from e
     order = np.argsort(ranks, kind="stable")  # best first; absent responses go last
     tokens = np.full((k, seq_len), tokenizer.pad_id, np.int32)
     lengths, prompt_len, out_ranks = np.zeros(k, np.int32), np.zeros(k, np.int32), np.full(k, -1, np.int32)
     for slot, i in enumerate(order):
-        seq = np.concatenate([prompt, chat.format_response(tokenizer, responses[i])])
+        seq = np.concatenate([prompt, replies[i]])
         keep = overlong(len(seq), source)
         if keep <= len(prompt):
             raise ValueError(f"example {source}: the prompt alone fills seq_len={seq_len}")
@@ -214,13 +222,15 @@ def _preference_example(r, tokenizer: Tokenizer, k: int, seq_len: int, overlong:
             "chosen_index": chosen, "rejected_index": rejected, "pair_mask": pair_mask.astype(np.float32)}
 
 
-def preference_dataset(path: str, tokenizer: Tokenizer, *, seq_len: int, k: int, batch_size: int, seed: int,
+def preference_dataset(path: str, tokenizer, *, seq_len: int, k: int, batch_size: int, seed: int,
                        split: str = "train", process_index: int = 0, process_count: int = 1,
                        num_epochs: Optional[int] = None, overlong: str = "error", cache_dir: Optional[str] = None,
-                       eval_fraction: float = 0.05) -> grain.IterDataset:
-    """Batches of K ranked responses per prompt, for reward models (all pairs) and DPO.
+                       eval_fraction: float = 0.05, field_map=None) -> grain.IterDataset:
+    """Batches of K ranked responses per prompt, for reward models (all pairs) and DPO, from preference rows
+    (any format and schema of `lm.data.builders`, columns renamed by `field_map`).
 
-    Each response is `format_prompt(prompt) + response + [eos]`; responses are sorted best first; rows with
+    Each response is `prompt_ids(prompt) + format_response(response)` (`lm.data.chat`: the reply and its
+    eos or end of turn); responses are sorted best first; rows with
     fewer than `k` responses are filled with absent ones (rank -1, length 0). Keys (P = k(k-1)/2 pairs):
       tokens int32 `[B, K, T]`; lengths, last_index (the eos, where a reward model reads its score),
       prompt_len, ranks int32 `[B, K]`; inputs / targets / loss_mask `[B, K, T]` in the LM convention with
@@ -231,7 +241,7 @@ def preference_dataset(path: str, tokenizer: Tokenizer, *, seq_len: int, k: int,
         raise ValueError(f"k={k}: a preference needs at least two responses")
     check = _Overlong(overlong, seq_len)
     ds = _records("preference", path, split, seed=seed, process_index=process_index, process_count=process_count,
-                  num_epochs=num_epochs, cache_dir=cache_dir, eval_fraction=eval_fraction)
+                  num_epochs=num_epochs, cache_dir=cache_dir, eval_fraction=eval_fraction, field_map=field_map)
     it = ds.map(lambda r: _preference_example(r, tokenizer, k, seq_len, check)).to_iter_dataset(_READ)
     return _batch(it, batch_size, num_epochs is not None)
 
@@ -254,13 +264,17 @@ def preference_pairs(batch: dict) -> dict:
             "pair_mask": batch["pair_mask"].reshape(b * p)}
 
 
-def read_prompts(path: str, tokenizer: Tokenizer, width: int) -> list[np.ndarray]:
-    """Chat-formatted prompt token ids of a `{"prompt": ...}` JSONL file; bad rows name the file and line."""
+def read_prompts(path: str, tokenizer, width: int, field_map=None) -> list[np.ndarray]:
+    """Chat-formatted prompt token ids of every row under `path` (prompt files, or the prompts of SFT or
+    preference files: `lm.data.builders.prompt_rows`); bad rows name their file and row."""
     prompts = []
-    for number, row in builders.json_rows(path, builders.parse_prompt):
-        ids = chat.format_prompt(tokenizer, row["prompt"])
+    for source, messages in builders.prompt_rows(path, field_map):
+        try:
+            ids = chat.prompt_ids(tokenizer, messages)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from e
         if len(ids) > width:
-            raise ValueError(f"{path}:{number}: the formatted prompt has {len(ids)} tokens, more than "
+            raise ValueError(f"{source}: the formatted prompt has {len(ids)} tokens, more than "
                              f"data.prompt_len={width}")
         prompts.append(ids)
     if not prompts:

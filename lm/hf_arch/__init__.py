@@ -1,6 +1,7 @@
 """Hugging Face architectures as `ModelConfig` mappings, one module per family of layouts.
 
-`get(name)` returns an architecture's `Arch` (config.json <-> ModelConfig fields, tensor names and layouts);
+`get(name)` returns an architecture's `Arch` (config.json <-> ModelConfig fields, tensor names and layouts), by its
+causal-LM name or its `*ForSequenceClassification` name (`head_of(name)` tells which: "lm" or "scalar");
 `default_for(cfg)` names the architecture a config is written as. The shared machinery is in `core`.
 """
 from __future__ import annotations
@@ -14,11 +15,37 @@ from lm.hf_arch.core import HARMLESS, Arch, HFConfig, TensorMap, check_consumed,
 ARCHS = {a.name: a for module in (llama, gpt, chatglm, gemma) for a in module.ARCHS}
 
 
+# Sequence-classification (reward model) names -> the family's Arch.
+SEQ_CLS = {a.seq_cls: a for a in ARCHS.values() if a.seq_cls}
+
+
 def get(name: Optional[str]) -> Arch:
-    """The architecture called `name`; an unknown one is an error that lists the supported ones."""
+    """The architecture called `name` (a causal-LM or a sequence-classification name); an unknown one is an
+    error that lists the supported ones."""
+    if name in SEQ_CLS:
+        return SEQ_CLS[name]
     if name not in ARCHS:
-        raise ValueError(f"unsupported Hugging Face architecture {name!r}; supported: {', '.join(ARCHS)}")
+        raise ValueError(f"unsupported Hugging Face architecture {name!r}; supported: {', '.join(ARCHS)} and, "
+                         f"as reward models, {', '.join(SEQ_CLS)}")
     return ARCHS[name]
+
+
+def head_of(name: Optional[str]) -> str:
+    """"scalar" for a `*ForSequenceClassification` architecture name (a reward model), else "lm"."""
+    return "scalar" if name in SEQ_CLS else "lm"
+
+
+def hf_name(arch: Arch, head: str) -> str:
+    """The architecture name `Transformer(cfg, head)` is written as; a scalar head on a family without a
+    sequence-classification class in transformers is an error naming it."""
+    if head == "lm":
+        return arch.name
+    if head != "scalar":
+        raise ValueError(f"head must be 'lm' or 'scalar', got {head!r}")
+    if arch.seq_cls is None:
+        raise ValueError(f"{arch.name} has no *ForSequenceClassification class in transformers, so a reward model "
+                         f"(scalar head) cannot be written as it; families that have one: {', '.join(SEQ_CLS)}")
+    return arch.seq_cls
 
 
 def default_for(cfg: ModelConfig) -> str:
@@ -47,4 +74,5 @@ def default_for(cfg: ModelConfig) -> str:
     return "LlamaForCausalLM"  # also Llama-3 / linear / yarn RoPE scaling
 
 
-__all__ = ["ARCHS", "HARMLESS", "Arch", "HFConfig", "TensorMap", "check_consumed", "default_for", "field", "get"]
+__all__ = ["ARCHS", "HARMLESS", "SEQ_CLS", "Arch", "HFConfig", "TensorMap", "check_consumed", "default_for", "field",
+           "get", "head_of", "hf_name"]

@@ -85,6 +85,18 @@ class Arch:
     to_hf: Callable[[ModelConfig], dict]  # ModelConfig -> HF config.json (without "architectures")
     tensors: Callable[[ModelConfig], list[TensorMap]]
     base_prefix: str = ""  # prefix some checkpoints omit (the bare base model was saved)
+    # The family's `*ForSequenceClassification` (a reward model: same trunk tensors, `score.weight` [1, d] and no
+    # bias instead of the LM head); None where transformers has no such class.
+    seq_cls: Optional[str] = None
+
+    def tensor_maps(self, cfg: ModelConfig, head: str = "lm") -> list[TensorMap]:
+        """The tensor map of `Transformer(cfg, head)`: head "scalar" swaps the LM head for `score.weight` (the
+        score bias, which the HF layer lacks, is not mapped: `lm.hf` checks it is zero)."""
+        maps = self.tensors(cfg)
+        if head == "lm":
+            return maps
+        return [m for m in maps if m.ours != ("lm_head/kernel",)] + [TensorMap("score.weight", ("score/kernel",),
+                                                                              "linear")]
 
 
 _REQUIRED = object()

@@ -135,6 +135,8 @@ def _gemma_tensors(cfg: ModelConfig) -> list[TensorMap]:
 
 
 ARCHS = [
-    Arch("Gemma2ForCausalLM", _gemma2_from, _gemma2_to, _gemma_tensors, "model."),
-    Arch("Gemma3ForCausalLM", _gemma3_from, _gemma3_to, _gemma_tensors, "model."),
+    Arch("Gemma2ForCausalLM", _gemma2_from, _gemma2_to, _gemma_tensors, "model.",
+         seq_cls="Gemma2ForSequenceClassification"),
+    Arch("Gemma3ForCausalLM", _gemma3_from, _gemma3_to, _gemma_tensors, "model.",
+         seq_cls="Gemma3TextForSequenceClassification"),
 ]

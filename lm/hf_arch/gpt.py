@@ -84,8 +84,9 @@ def _neox_from(hf: dict) -> dict:
     require(act in _GPT2_ACTS, hf, f"hidden_act={act!r} (supported: {sorted(_GPT2_ACTS)})")
     rotary = rope(hf, fraction_default=float(field(hf, "rotary_pct", default=0.25)))
     rp = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if "rope_theta" not in rp and "rotary_emb_base" in hf:  # the base's name before transformers 5
-        rotary["rope_theta"] = float(hf["rotary_emb_base"])
+    base = hf.get("rotary_emb_base")  # the base's name before transformers 5 (read even when rope_parameters wins)
+    if "rope_theta" not in rp and base is not None:
+        rotary["rope_theta"] = float(base)
     bias = bool(field(hf, "attention_bias", default=True))
     parallel = bool(field(hf, "use_parallel_residual", default=True))
     return dict(vocab_size=field(hf, "vocab_size"), d_model=field(hf, "hidden_size"),
@@ -161,8 +162,12 @@ def _opt_tensors(cfg: ModelConfig) -> list[TensorMap]:
 
 
 ARCHS = [
-    Arch("BloomForCausalLM", _bloom_from, _bloom_to, _bloom_tensors, "transformer."),
-    Arch("GPT2LMHeadModel", _gpt2_from, _gpt2_to, _gpt2_tensors, "transformer."),
-    Arch("GPTNeoXForCausalLM", _neox_from, _neox_to, _neox_tensors, "gpt_neox."),
-    Arch("OPTForCausalLM", _opt_from, _opt_to, _opt_tensors, "model."),
+    Arch("BloomForCausalLM", _bloom_from, _bloom_to, _bloom_tensors, "transformer.",
+         seq_cls="BloomForSequenceClassification"),
+    Arch("GPT2LMHeadModel", _gpt2_from, _gpt2_to, _gpt2_tensors, "transformer.",
+         seq_cls="GPT2ForSequenceClassification"),
+    Arch("GPTNeoXForCausalLM", _neox_from, _neox_to, _neox_tensors, "gpt_neox.",
+         seq_cls="GPTNeoXForSequenceClassification"),
+    Arch("OPTForCausalLM", _opt_from, _opt_to, _opt_tensors, "model.",
+         seq_cls="OPTForSequenceClassification"),
 ]

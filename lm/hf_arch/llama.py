@@ -155,12 +155,18 @@ def _glm_tensors(cfg):
 
 
 ARCHS = [
-    Arch("LlamaForCausalLM", _llama_from, _llama_to, llama_tensors, "model."),
-    Arch("MistralForCausalLM", _mistral_from, _mistral_to, llama_tensors, "model."),
-    Arch("Qwen2ForCausalLM", _qwen2_from, _qwen2_to, llama_tensors, "model."),
-    Arch("Qwen3ForCausalLM", _qwen3_from, _qwen3_to, llama_tensors, "model."),
-    Arch("Phi3ForCausalLM", _phi3_from, _phi3_to, _phi3_tensors, "model."),
+    Arch("LlamaForCausalLM", _llama_from, _llama_to, llama_tensors, "model.",
+         seq_cls="LlamaForSequenceClassification"),
+    Arch("MistralForCausalLM", _mistral_from, _mistral_to, llama_tensors, "model.",
+         seq_cls="MistralForSequenceClassification"),
+    Arch("Qwen2ForCausalLM", _qwen2_from, _qwen2_to, llama_tensors, "model.",
+         seq_cls="Qwen2ForSequenceClassification"),
+    Arch("Qwen3ForCausalLM", _qwen3_from, _qwen3_to, llama_tensors, "model.",
+         seq_cls="Qwen3ForSequenceClassification"),
+    Arch("Phi3ForCausalLM", _phi3_from, _phi3_to, _phi3_tensors, "model.",
+         seq_cls="Phi3ForSequenceClassification"),
     Arch("BaichuanForCausalLM", _baichuan_from, _baichuan_to, _baichuan_tensors, "model."),
     Arch("BaiChuanForCausalLM", _baichuan_from, _baichuan_to, _baichuan_tensors, "model."),
-    Arch("GlmForCausalLM", _glm_from, _glm_to, _glm_tensors, "model."),
+    Arch("GlmForCausalLM", _glm_from, _glm_to, _glm_tensors, "model.",
+         seq_cls="GlmForSequenceClassification"),
 ]

@@ -99,7 +99,7 @@ def test_bad_paths_and_vocab_are_clear_errors(tmp_path):
         runs.text_files("/no/such/dir")
     with pytest.raises(FileNotFoundError, match="holds no .txt files"):
         runs.text_files(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="tokenizer file .*missing.model does not exist"):
+    with pytest.raises(FileNotFoundError, match="tokenizer path .*missing.model does not exist"):
         runs.run_tokenizer(str(tmp_path / "run"), str(tmp_path / "missing.model"))
 
     class Tok:

@@ -1,0 +1,29 @@
+"""Export a run's model and tokenizer as a Hugging Face directory: lm.hf.export_run.
+
+  python -m experiments.export --run=runs/sft --out=hf/sft [--architecture=LlamaForCausalLM] [--dtype=bfloat16]
+
+A pretraining, SFT, DPO or PPO run gives its policy as a causal LM (`AutoModelForCausalLM`); a reward run gives
+its raw reward model as the family's `*ForSequenceClassification` (`AutoModelForSequenceClassification`, one
+label, scored at the last non-pad token), with the run's `reward_norm.json` beside: `(score - mean) / std` is
+the normalised reward the RL stages use. The tokenizer is written for `AutoTokenizer`, chat template included.
+"""
+from absl import flags
+
+import experiments
+
+_RUN = flags.DEFINE_string("run", None, "Run directory (or its checkpoints/) of any stage.", required=True)
+_OUT = flags.DEFINE_string("out", None, "Output directory for the Hugging Face files.", required=True)
+_ARCH = flags.DEFINE_string("architecture", None, "HF architecture name; default: the one the model config implies.")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "Weight dtype; default: the checkpoint's.")
+
+
+def main(argv):
+    del argv
+    from lm import hf
+
+    out = hf.export_run(_RUN.value, _OUT.value, architecture=_ARCH.value, dtype=_DTYPE.value)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    experiments.run(main)
