@@ -168,7 +168,7 @@ def test_read_prompts_names_bad_rows(tmp_path):
     assert len(ids) == 2 and ids[0][-1] == tok.assistant_id
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing key 'prompt'"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: row does not match the 'prompt' schema .*missing key 'prompt'"):
         data.read_prompts(str(bad), tok, 32)
     with pytest.raises(ValueError, match=r"p.jsonl:1: .* more than data.prompt_len=3"):
         data.read_prompts(str(good), tok, 3)
