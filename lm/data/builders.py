@@ -5,11 +5,12 @@
 - `.jsonl`: one JSON object per line (blank lines skipped); a `.json` file whose first non-space character
   is `{` is read as JSON Lines too. Row number = line number.
 - `.json`: a JSON list of objects, streamed element by element. Row number = 1-based index in the list.
+- `.jsonl.gz`, `.json.gz`: the same, gzip-compressed (as Anthropic/hh-rlhf ships), decompressed as read.
 - `.parquet`: read batch by batch. Row number = 1-based index.
 - a directory written by `datasets.Dataset.save_to_disk` (`state.json` + Arrow stream files): read batch by
   batch, row number = 1-based index. A `DatasetDict` directory is an error: point `path` at one split.
 - any other directory: every file under it (recursively, sorted) with the kind's extensions (`.txt` for
-  "text", else `.jsonl`, `.json`, `.parquet`), and every `save_to_disk` directory under it.
+  "text", else `.jsonl`, `.json`, their `.gz`, `.parquet`), and every `save_to_disk` directory under it.
 Kind "text" also reads a string column "text" from a single non-`.txt` file or dataset directory.
 
 Each file's rows follow one schema, detected from its first row (`lm.data.schemas` has the table):
@@ -32,10 +33,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gzip
 import hashlib
 import json
 import os
 import re
+import zlib
 from typing import Iterator, Mapping, Optional, Union
 
 import numpy as np
@@ -46,8 +49,12 @@ from lm.data import schemas
 
 KINDS = ("text", "sft", "preference")
 SPLITS = ("train", "eval")
-ROW_EXTENSIONS = (".jsonl", ".json", ".parquet")
+ROW_EXTENSIONS = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 _READ_CHUNK = 1 << 20  # characters of a `.json` list read at a time
+_MAX_ROW_CHARS = 1 << 26  # a `.json` list element not complete within this many characters is an error
+# How far before the end of the buffer a decoding error may be caused by the buffer's end (a cut literal,
+# "\uXXXX" escape or number); an unterminated string is reported where it starts, so it is handled apart.
+_CUT_MARGIN = 16
 _BATCH_ROWS = 1024  # Parquet rows converted to Python at a time
 _SPACE = re.compile(r"\s*")
 
@@ -95,14 +102,28 @@ def _root(path: str) -> str:
     return path if os.path.isdir(path) and _dataset_files(path) is None else os.path.dirname(path)
 
 
+def _open(file: str, mode: str, **kwargs):
+    """`open`, or `gzip.open` (streamed; text mode unless `mode` has "b") for a `.gz` file."""
+    if file.endswith(".gz"):
+        return gzip.open(file, mode if "b" in mode else mode + "t", **kwargs)
+    return open(file, mode, **kwargs)
+
+
+_GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)  # a corrupt or truncated `.gz` file
+
+
 def _lines(file: str) -> Iterator[tuple[int, str]]:
-    with open(file, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{file}:{number}: not valid UTF-8 ({e})") from e
-            yield number, line.lstrip("\ufeff") if number == 1 else line  # a byte-order mark is not text
+    number = 0
+    try:
+        with _open(file, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{file}:{number}: not valid UTF-8 ({e})") from e
+                yield number, line.lstrip("\ufeff") if number == 1 else line  # a byte-order mark is not text
+    except _GZIP_ERRORS as e:
+        raise ValueError(f"{file}:{number + 1}: corrupt gzip data ({e})") from e
 
 
 def _text_rows(file: str) -> Iterator[tuple[int, dict]]:
@@ -124,21 +145,21 @@ def _object(file: str, number: int, row) -> dict:
     return row
 
 
-def _jsonl_rows(file: str) -> Iterator[tuple[int, dict]]:
+def _jsonl_rows(file: str, hint: str = "") -> Iterator[tuple[int, dict]]:
     for number, line in _lines(file):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{file}:{number}: invalid JSON ({e.msg} at column {e.colno})") from e
+            raise ValueError(f"{file}:{number}: invalid JSON ({e.msg} at column {e.colno}){hint}") from e
         yield number, _object(file, number, row)
 
 
 def _json_list_rows(file: str) -> Iterator[tuple[int, dict]]:
     """Elements of a JSON list, decoded one at a time from a buffer refilled in `_READ_CHUNK` pieces."""
     decoder = json.JSONDecoder()
-    with open(file, encoding="utf-8-sig") as f:
+    with _open(file, "r", encoding="utf-8-sig") as f:
         buf, pos, number, eof = "", 0, 0, False
 
         def more(size: int) -> bool:  # appends to the unread part of buf; False at the end of the file
@@ -147,6 +168,8 @@ def _json_list_rows(file: str) -> Iterator[tuple[int, dict]]:
                 chunk = f.read(size)
             except UnicodeDecodeError as e:
                 raise ValueError(f"{file}:{number + 1}: not valid UTF-8 ({e})") from e
+            except _GZIP_ERRORS as e:
+                raise ValueError(f"{file}:{number + 1}: corrupt gzip data ({e})") from e
             buf, pos, eof = buf[pos:] + chunk, 0, not chunk
             return bool(chunk)
 
@@ -158,7 +181,8 @@ def _json_list_rows(file: str) -> Iterator[tuple[int, dict]]:
                     return buf[pos:pos + 1]
 
         if next_char() == "{":  # some data sets name JSON Lines `.json`
-            yield from _jsonl_rows(file)
+            yield from _jsonl_rows(file, hint="; this .json file starts with '{', so it is read as JSON Lines "
+                                   "(one object per line); a JSON file must otherwise be a list of rows")
             return
         if next_char() != "[":
             raise ValueError(f"{file}:1: a .json file must hold a JSON list of objects (or JSON Lines)")
@@ -174,9 +198,14 @@ def _json_list_rows(file: str) -> Iterator[tuple[int, dict]]:
                         row, pos = decoder.raw_decode(buf, pos)
                         break
                     except json.JSONDecodeError as e:
-                        # The element may run past the buffer: read on (doubling keeps this linear).
-                        if eof or not more(max(_READ_CHUNK, len(buf))):
-                            raise ValueError(f"{file}:{number}: invalid JSON ({e.msg})") from e
+                        # An error away from the buffer's end is final; else the element may run past the
+                        # buffer: read on (doubling keeps this linear), up to `_MAX_ROW_CHARS`.
+                        cut = e.pos >= len(buf) - _CUT_MARGIN or e.msg.startswith("Unterminated string")
+                        unread = len(buf) - pos
+                        too_long = unread > _MAX_ROW_CHARS
+                        if not cut or too_long or eof or not more(max(_READ_CHUNK, unread)):
+                            why = f"; no complete element within {_MAX_ROW_CHARS} characters" * too_long
+                            raise ValueError(f"{file}:{number}: invalid JSON ({e.msg}{why})") from e
                 yield number, _object(file, number, row)
                 sep = next_char()
                 pos += 1
@@ -216,11 +245,12 @@ def read_rows(file: str) -> Iterator[tuple[int, dict]]:
     file gives `{"text": document}` rows. A malformed file raises a ValueError naming `file:row`."""
     if os.path.isdir(file):
         return _dataset_rows(file)
-    if file.endswith(".txt"):
+    name = file[:-len(".gz")] if file.endswith(".gz") else file  # `_open` decompresses
+    if name.endswith(".txt"):
         return _text_rows(file)
     if file.endswith(".parquet"):
         return _parquet_rows(file)
-    if file.endswith(".json"):
+    if name.endswith(".json"):
         return _json_list_rows(file)
     return _jsonl_rows(file)
 
@@ -280,14 +310,15 @@ class LocalData(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(builder=self, description=f"{self._kind} data from {self._path}",
                                      features=tfds.features.FeaturesDict(features))
 
-    def _rows(self) -> Iterator[tuple[str, int, dict]]:
+    def _rows(self, warn_skipped: bool = False) -> Iterator[tuple[str, int, dict]]:
         root = _root(self._path)
         for file in self._input_files:
-            for number, example in schemas.records(self._kind, file, read_rows(file), self._field_map):
+            for number, example in schemas.records(self._kind, file, read_rows(file), self._field_map,
+                                                   warn_skipped=warn_skipped):
                 yield f"{os.path.relpath(file, root)}:{number}", bucket_of(example), example
 
     def _split_generators(self, dl_manager):
-        buckets = [b for _, b, _ in self._rows()]
+        buckets = [b for _, b, _ in self._rows(warn_skipped=True)]  # the first of three passes warns
         if not buckets:
             raise ValueError(f"{self._path} holds no {self._kind} examples")
         threshold = int(self._eval_fraction * _BUCKETS)

@@ -13,15 +13,19 @@ stands for one user message; a top-level "system" string becomes a first system 
 |            | sharegpt          | {conversations: [{from: system/human/gpt, value}]}                    |
 | preference | ranked            | {prompt: str or messages, responses, ranks, system?}; rank 0 is best  |
 |            | pairwise          | {prompt: str or messages, chosen, rejected, system?}; ranks [0, 1]    |
-|            | pairwise_messages | {chosen: messages, rejected: messages}; prompt = common prefix        |
+|            | pairwise_messages | {chosen: messages, rejected: messages}; prompt = common prefix, or    |
+|            |                   | {prompt, chosen: [assistant message], rejected: [...], system?} (TRL) |
 |            | hh                | {chosen, rejected}: "\n\nHuman: ...\n\nAssistant: ..." transcripts    |
 | prompt     | (each above)      | its prompt; messages/sharegpt: up to the last user message            |
 |            | prompt            | {prompt: str or messages, system?}                                    |
 | text       | text              | {text}; blank texts are skipped                                       |
 
 pairwise_messages (UltraFeedback): the prompt is the longest common prefix of the two lists and each must
-continue with exactly one assistant message. hh (Anthropic-HH): the prompt is the transcript up to the last
-"\n\nAssistant:" inside the common prefix of the two strings; the responses are the rests, stripped.
+continue with exactly one assistant message (UltraFeedback's own "prompt" string is then ignored); TRL's
+explicit-prompt rows instead give `prompt` and, as chosen and rejected, one assistant message each. hh
+(Anthropic-HH): the prompt is the transcript up to the last "\n\nAssistant:" inside the common prefix of the
+two strings; the responses are the rests, stripped. A pair whose two responses are equal expresses no
+preference: it is skipped, with one warning per file giving the count.
 
 Records: sft `{"messages": JSON string of [{role, content}]}`; preference `{"prompt": JSON string of
 messages ending with a user message, "responses": [str], "ranks": int32 array}`; prompt `{"prompt":
@@ -29,6 +33,7 @@ messages ending with a user message, "responses": [str], "ranks": int32 array}`;
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -36,10 +41,11 @@ import re
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import numpy as np
+from absl import logging
 
-ROLES = ("system", "user", "assistant")
-_SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "user": "user",
-                   "assistant": "assistant"}
+from lm.data import chat
+
+_SHAREGPT_ROLES = {**{r: r for r in chat.ROLES}, "human": "user", "gpt": "assistant"}
 _ASSISTANT = "\n\nAssistant:"
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
@@ -79,29 +85,29 @@ def _string(row: dict, key: str, optional: bool = False) -> str:
 
 
 def _messages(value, what: str) -> list[dict]:
+    """`value` (raw JSON) checked to be a list of message objects valid for `chat.check_messages`, reduced
+    to their role and content."""
     if not isinstance(value, list):
         raise ValueError(f"{what} must be a list of messages, got {type(value).__name__}")
-    out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict):
             raise ValueError(f"{what} message {i}: expected an object, got {type(m).__name__}")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise ValueError(f"{what} message {i}: role {role!r} is not one of {ROLES}")
-        if not isinstance(content, str):
-            raise ValueError(f"{what} message {i}: content must be a string, got {type(content).__name__}")
-        if role == "system" and i != 0:
-            raise ValueError(f"{what} message {i}: a system message may only come first")
-        out.append({"role": role, "content": content})
-    return out
+    try:
+        chat.check_messages(value)
+    except ValueError as e:
+        raise ValueError(f"{what} {e}") from e
+    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def _with_system(row: dict, messages: list[dict], what: str) -> list[dict]:
-    """Prepends the row's top-level "system" string (if any) and validates the result."""
+def _with_system(row: dict, messages, what: str) -> list[dict]:
+    """`messages` (raw JSON) validated, after the row's top-level "system" string (if any)."""
+    messages = _messages(messages, what)
     system = _string(row, "system", optional=True)
-    if not isinstance(messages, list):
-        raise ValueError(f"{what} must be a list of messages, got {type(messages).__name__}")
-    return _messages(([{"role": "system", "content": system}] if system else []) + messages, what)
+    if not system:
+        return messages
+    if messages and messages[0]["role"] == "system":
+        raise ValueError(f"{what} has both a top-level 'system' and a first system message")
+    return [{"role": "system", "content": system}] + messages
 
 
 def _ends_with_user(messages: list[dict], what: str) -> list[dict]:
@@ -190,16 +196,24 @@ def _ranked(row: dict) -> dict:
     return _preference_record(_prompt(row), row["responses"], row["ranks"])
 
 
-def _pairwise(row: dict) -> dict:
+def _split_pairwise(row: dict) -> tuple[list[dict], str, str]:
     _not_both(row)
-    return _preference_record(_prompt(row), [_string(row, "chosen"), _string(row, "rejected")], [0, 1])
+    return _prompt(row), _string(row, "chosen"), _string(row, "rejected")
+
+
+def _is_reply(messages: list[dict]) -> bool:
+    return len(messages) == 1 and messages[0]["role"] == "assistant"
 
 
 def _split_pairwise_messages(row: dict) -> tuple[list[dict], str, str]:
     chosen, rejected = _messages(row["chosen"], "'chosen'"), _messages(row["rejected"], "'rejected'")
+    if "prompt" in row and _is_reply(chosen) and _is_reply(rejected):  # TRL's explicit-prompt format
+        return _prompt(row), chosen[0]["content"], rejected[0]["content"]
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
+    if chosen == rejected:  # the same reply twice: the prompt is what comes before it
+        n -= 1
     prompt = _ends_with_user(_with_system(row, chosen[:n], "prompt"),
                              "the common prefix of 'chosen' and 'rejected' (the prompt)")
     for key, tail in (("chosen", chosen[n:]), ("rejected", rejected[n:])):
@@ -227,9 +241,11 @@ def _split_hh(row: dict) -> tuple[list[dict], str, str]:
     return prompt, chosen[end:].strip(), rejected[end:].strip()
 
 
-def _pair_record(split: Callable[[dict], tuple[list[dict], str, str]]) -> Callable[[dict], dict]:
-    def parse(row: dict) -> dict:
+def _pair_record(split: Callable[[dict], tuple[list[dict], str, str]]) -> Callable[[dict], Optional[dict]]:
+    def parse(row: dict) -> Optional[dict]:
         prompt, chosen, rejected = split(row)
+        if chosen == rejected:  # no preference (duplicates exist in UltraFeedback and HH): skipped
+            return None
         return _preference_record(prompt, [chosen, rejected], [0, 1])
     return parse
 
@@ -259,6 +275,7 @@ class Schema:
     required: tuple[str, ...]
     parse: Callable[[dict], Optional[dict]]
     shape: Callable[[dict], str] = lambda row: ""  # "" if the row has this schema's shape, else why not
+    skips: str = ""  # which rows `parse` skips, for the warning that counts them ("": none)
 
     def mismatch(self, row: dict) -> str:
         """An empty string when `row` has this schema's keys and shape, else what is wrong."""
@@ -273,6 +290,9 @@ class Schema:
         return sum(k not in row for k in self.required) + bool(self.shape(row))
 
 
+_PAIRWISE_MESSAGES = ("{chosen: [messages], rejected: [messages]} or {prompt, chosen: [assistant message], "
+                      "rejected: [assistant message], system?}")
+_SAME_PAIR = "with identical chosen and rejected responses (no preference)"
 SCHEMAS: dict[str, tuple[Schema, ...]] = {
     "sft": (
         Schema("messages", "{messages: [{role, content}], system?}", ("messages",),
@@ -284,17 +304,17 @@ SCHEMAS: dict[str, tuple[Schema, ...]] = {
     ),
     "preference": (
         Schema("ranked", "{prompt, responses, ranks, system?}", ("prompt", "responses", "ranks"), _ranked),
-        Schema("pairwise_messages", "{chosen: [messages], rejected: [messages]}", ("chosen", "rejected"),
-               _pair_record(_split_pairwise_messages), _is_list("chosen")),
-        Schema("pairwise", "{prompt, chosen, rejected, system?}", ("prompt", "chosen", "rejected"), _pairwise,
-               _not_list("chosen")),
+        Schema("pairwise_messages", _PAIRWISE_MESSAGES, ("chosen", "rejected"),
+               _pair_record(_split_pairwise_messages), _is_list("chosen"), _SAME_PAIR),
+        Schema("pairwise", "{prompt, chosen, rejected, system?}", ("prompt", "chosen", "rejected"),
+               _pair_record(_split_pairwise), _not_list("chosen"), _SAME_PAIR),
         Schema("hh", "{chosen, rejected} (Human/Assistant transcripts, no prompt)", ("chosen", "rejected"),
-               _pair_record(_split_hh), _hh_shape),
+               _pair_record(_split_hh), _hh_shape, _SAME_PAIR),
     ),
     "prompt": (
         Schema("messages", "{messages: [{role, content}], system?}", ("messages",),
                lambda r: {"prompt": _up_to_last_user(_with_system(r, r["messages"], "'messages'"), "'messages'")}),
-        Schema("pairwise_messages", "{chosen: [messages], rejected: [messages]}", ("chosen", "rejected"),
+        Schema("pairwise_messages", _PAIRWISE_MESSAGES, ("chosen", "rejected"),
                lambda r: {"prompt": _split_pairwise_messages(r)[0]}, _is_list("chosen")),
         Schema("hh", "{chosen, rejected} (Human/Assistant transcripts, no prompt)", ("chosen", "rejected"),
                lambda r: {"prompt": _split_hh(r)[0]}, _hh_shape),
@@ -304,7 +324,7 @@ SCHEMAS: dict[str, tuple[Schema, ...]] = {
                lambda r: {"prompt": [{"role": "user", "content": _alpaca_user(r)}]}),
         Schema("prompt", "{prompt, system?}", ("prompt",), lambda r: {"prompt": _prompt(r)}),
     ),
-    "text": (Schema("text", "{text}", ("text",), _text),),
+    "text": (Schema("text", "{text}", ("text",), _text, skips="with a blank text"),),
 }
 # The K-wise format always allowed pairs among ranked rows.
 _MIXABLE = {"ranked": "pairwise", "pairwise": "ranked"}
@@ -329,14 +349,15 @@ def _detect(kind: str, row: dict) -> Schema:
                      "rename columns with data.field_map")
 
 
-def records(kind: str, file: str, rows: Iterable[tuple[int, dict]],
-            field_map: Mapping[str, str]) -> Iterator[tuple[int, dict]]:
+def records(kind: str, file: str, rows: Iterable[tuple[int, dict]], field_map: Mapping[str, str], *,
+            warn_skipped: bool = True) -> Iterator[tuple[int, dict]]:
     """`(row number, normalised record)` of one file's raw rows read as `kind` ("sft", "preference",
     "prompt" or "text"), renamed by `field_map` (from `parse_field_map`); the schema comes from the first row.
 
-    Any problem raises a ValueError naming `file:row`.
+    Any problem raises a ValueError naming `file:row`. Rows that carry nothing (blank texts, pairs without a
+    preference) are skipped, with one warning per file counting them if `warn_skipped`.
     """
-    schema, first = None, 0
+    schema, first, skipped = None, 0, collections.Counter()
     for number, raw in rows:
         try:
             row = _rename(raw, field_map)
@@ -352,5 +373,10 @@ def records(kind: str, file: str, rows: Iterable[tuple[int, dict]],
             record = parser.parse(row)
         except ValueError as e:
             raise ValueError(f"{file}:{number}: {e}") from e
-        if record is not None:
+        if record is None:
+            skipped[parser.skips] += 1
+        else:
             yield number, record
+    if warn_skipped:
+        for reason, count in skipped.items():
+            logging.warning("%s: skipped %d row%s %s", file, count, "s" * (count > 1), reason)

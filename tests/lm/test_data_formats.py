@@ -1,11 +1,12 @@
 """Data file formats (JSONL, JSON list, Parquet, save_to_disk) and row schemas of `lm.data.builders`."""
+import gzip
 import json
 
 import datasets
 import numpy as np
 import pytest
 
-from lm.data import builders, schemas
+from lm.data import builders, chat, schemas
 
 datasets.disable_progress_bars()
 
@@ -112,6 +113,10 @@ HH_REJECTED = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: How are you?\n
      [sys_("s"), user("p"), bot("q"), user("r")], ["a", "b"], [0, 1]),
     ({"chosen": HH_CHOSEN, "rejected": HH_REJECTED},
      [user("Hi there"), bot("Hello!"), user("How are you?")], ["I am fine, thanks.", "I am not telling."], [0, 1]),
+    ({"prompt": [user("p"), bot("q"), user("r")], "chosen": [bot("a")], "rejected": [bot("b")]},  # TRL
+     [user("p"), bot("q"), user("r")], ["a", "b"], [0, 1]),
+    ({"prompt": "p", "chosen": [bot("a")], "rejected": [bot("b")], "system": "s"}, [sys_("s"), user("p")],
+     ["a", "b"], [0, 1]),
 ])
 def test_preference_schemas(tmp_path, row, prompt, responses, ranks):
     [record] = parse("preference", write_jsonl(tmp_path / "pref.jsonl", [row]))
@@ -139,8 +144,35 @@ def test_prompt_rows_of_prompt_sft_and_preference_files(tmp_path):
         ("prompts.jsonl:1", [user("q1")]), ("prompts.jsonl:2", [sys_("s"), user("q2")]),
         ("sft.json:1", [sys_("s"), user("a"), bot("b"), user("c")]),
     ]
-    rows = [{"prompt": "p", "chosen": [user("p"), bot("a")], "rejected": [user("p"), bot("b")]}]
-    assert list(builders.prompt_rows(write_jsonl(tmp_path / "uf.jsonl", rows))) == [("uf.jsonl:1", [user("p")])]
+    rows = [{"prompt": "p", "chosen": [user("p"), bot("a")], "rejected": [user("p"), bot("b")]},
+            {"prompt": "q", "chosen": [user("q"), bot("a")], "rejected": [user("q"), bot("a")]}]  # no preference
+    assert list(builders.prompt_rows(write_jsonl(tmp_path / "uf.jsonl", rows))) == [
+        ("uf.jsonl:1", [user("p")]), ("uf.jsonl:2", [user("q")])]
+    rows = [{"prompt": [user("p")], "chosen": [bot("a")], "rejected": [bot("b")]}]
+    assert list(builders.prompt_rows(write_jsonl(tmp_path / "trl.jsonl", rows))) == [("trl.jsonl:1", [user("p")])]
+
+
+@pytest.mark.parametrize("same,other", [
+    ({"chosen": [user("p"), bot("a")], "rejected": [user("p"), bot("a")]},
+     {"chosen": [user("p"), bot("a")], "rejected": [user("p"), bot("b")]}),
+    ({"chosen": HH_CHOSEN, "rejected": HH_CHOSEN + " "}, {"chosen": HH_CHOSEN, "rejected": HH_REJECTED}),
+    ({"prompt": "p", "chosen": "a", "rejected": "a"}, {"prompt": "p", "chosen": "a", "rejected": "b"}),
+])
+def test_pairs_without_preference_are_skipped_with_one_warning(tmp_path, caplog, same, other):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [same, other, same, other])
+    [expected] = parse("preference", write_jsonl(tmp_path / "one.jsonl", [other]))
+    assert [r["responses"] for r in parse("preference", path)] == [expected["responses"]] * 2
+    caplog.clear()
+    builders.prepare("preference", path, cache_dir=str(tmp_path / "cache"), eval_fraction=0.0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"{path}: skipped 2 rows with identical chosen and rejected responses (no preference)"]
+
+
+def test_messages_are_checked_by_chat_check_messages(tmp_path, monkeypatch):
+    checked = []
+    monkeypatch.setattr(chat, "check_messages", checked.append)
+    parse("sft", write_jsonl(tmp_path / "sft.jsonl", [{"messages": [user("a"), bot("b")]}]))
+    assert checked == [[user("a"), bot("b")]]
 
 
 @pytest.mark.parametrize("kind,rows,message", [
@@ -159,7 +191,9 @@ def test_prompt_rows_of_prompt_sft_and_preference_files(tmp_path):
      r"bad\.jsonl:2: 'messages' message 1: role 'bot'"),
     ("sft", [{"messages": [user("a"), sys_("s"), bot("b")]}], r"bad\.jsonl:1: .*a system message may only come first"),
     ("sft", [{"messages": [sys_("s"), user("a"), bot("b")], "system": "t"}],
-     r"bad\.jsonl:1: .*message 1: a system message may only come first"),
+     r"bad\.jsonl:1: 'messages' has both a top-level 'system' and a first system message"),
+    ("sft", [{"messages": "a", "system": "t"}], r"bad\.jsonl:1: 'messages' must be a list of messages, got str"),
+    ("sft", [{"messages": [user("a"), 3]}], r"bad\.jsonl:1: 'messages' message 1: expected an object, got int"),
     ("sft", [{"messages": [user("a"), bot(" ")]}], r"bad\.jsonl:1: 'messages' holds no non-empty assistant"),
     ("sft", [{"instruction": "i", "output": "o"}, {"instruction": "i", "output": ""}],
      r"bad\.jsonl:2: 'output' is empty"),
@@ -168,7 +202,9 @@ def test_prompt_rows_of_prompt_sft_and_preference_files(tmp_path):
     ("preference", [{"chosen": [user("p"), bot("a"), user("q"), bot("b")], "rejected": [user("p"), bot("c")]}],
      r"bad\.jsonl:1: after the common prompt, 'chosen' must hold exactly one assistant message, got roles "
      r"\['assistant', 'user', 'assistant'\]"),
-    ("preference", [{"chosen": [user("p"), bot("a")], "rejected": [user("p"), bot("a")]}],
+    ("preference", [{"chosen": [user("p"), bot("a")], "rejected": [user("q"), bot("a")]}],
+     r"bad\.jsonl:1: the common prefix .* must end with a user message, got roles \[\]"),
+    ("preference", [{"prompt": "p", "chosen": [bot("a"), bot("c")], "rejected": [bot("b")]}],
      r"bad\.jsonl:1: the common prefix .* must end with a user message"),
     ("preference", [{"prompt": [user("p"), bot("q")], "chosen": "a", "rejected": "b"}],
      r"bad\.jsonl:1: 'prompt' must end with a user message"),
@@ -194,6 +230,8 @@ def test_dataset_dict_directory_names_its_splits(tmp_path):
     ('[{"prompt": "a", "response": "b"}', r"bad\.json:1: expected ',' or ']' after this row, got 'the end'"),
     ('[{"prompt": "a", "response": "b"}] x', r"bad\.json: unexpected text after the JSON list"),
     ('"just a string"', r"bad\.json:1: a \.json file must hold a JSON list"),
+    ('{\n "prompt": "a",\n "response": "b"\n}', r"bad\.json:1: invalid JSON .*; this \.json file starts with "
+     r"'\{', so it is read as JSON Lines \(one object per line\); a JSON file must otherwise be a list of rows"),
 ])
 def test_malformed_json_list_names_the_row(tmp_path, text, message):
     (tmp_path / "bad.json").write_text(text)
@@ -212,6 +250,66 @@ def test_json_list_streams_across_small_chunks(tmp_path, monkeypatch):
     assert list(builders.read_rows(str(tmp_path / "lines.json"))) == list(enumerate(rows, 1))
     (tmp_path / "empty.json").write_text(" [ ] ")
     assert list(builders.read_rows(str(tmp_path / "empty.json"))) == []
+    # Escapes, surrogate pairs, literals and numbers cut at every place still decode.
+    rows = [{"s": "é😀\"\\\t" * i, "x": [True, False, None, -1.5e-3 * i, 12345678901234567890 + i]}
+            for i in range(9)]
+    (tmp_path / "ascii.json").write_text(json.dumps(rows, separators=(",", ":")))
+    for chunk in (1, 2, 3, 5):
+        monkeypatch.setattr(builders, "_READ_CHUNK", chunk)
+        assert list(builders.read_rows(str(tmp_path / "ascii.json"))) == list(enumerate(rows, 1))
+
+
+class _CountingReader:
+    """A text file that counts the characters read from it."""
+
+    def __init__(self, f):
+        self.f, self.chars = f, 0
+
+    def read(self, size=-1):
+        text = self.f.read(size)
+        self.chars += len(text)
+        return text
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.mark.parametrize("head,message", [
+    ('[{"prompt": "a", "response": }, ', r"bad\.json:1: invalid JSON \(Expecting value\)"),
+    ('[{"prompt": "a", "response": "b"}, {"prompt": "a', r"bad\.json:2: invalid JSON \(Unterminated string.*; "
+                                                          r"no complete element within 1000 characters\)"),
+])
+def test_malformed_json_list_is_not_read_whole(tmp_path, monkeypatch, head, message):
+    monkeypatch.setattr(builders, "_READ_CHUNK", 64)
+    monkeypatch.setattr(builders, "_MAX_ROW_CHARS", 1000)
+    readers, real_open = [], builders._open
+    monkeypatch.setattr(builders, "_open", lambda *a, **kw: readers.append(_CountingReader(real_open(*a, **kw)))
+                        or readers[-1])
+    (tmp_path / "bad.json").write_text(head + "long text without a quote " * 10_000)
+    with pytest.raises(ValueError, match=message):
+        list(builders.read_rows(str(tmp_path / "bad.json")))
+    assert readers[0].chars < 5000
+    monkeypatch.setattr(builders, "_open", real_open)  # a row longer than a chunk, shorter than the bound: fine
+    (tmp_path / "long.json").write_text(json.dumps([{"prompt": "p" * 900, "response": "r"}]))
+    assert len(list(builders.read_rows(str(tmp_path / "long.json")))) == 1
+
+
+def test_gzip_row_files(tmp_path):
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(3)]
+    with gzip.open(tmp_path / "rows.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    with gzip.open(tmp_path / "rows.json.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps(rows, indent=1))
+    for name in ("rows.jsonl.gz", "rows.json.gz"):
+        assert list(builders.read_rows(str(tmp_path / name))) == list(enumerate(rows, 1))
+    assert [source for source, _ in builders.prompt_rows(str(tmp_path))] == [
+        f"rows.{ext}.gz:{n}" for ext in ("json", "jsonl") for n in (1, 2, 3)]
+    (tmp_path / "bad.jsonl.gz").write_bytes(gzip.compress(b'{"prompt": "p"}\n' * 100)[:-30])
+    with pytest.raises(ValueError, match=r"bad\.jsonl\.gz:\d+: corrupt gzip data"):
+        list(builders.read_rows(str(tmp_path / "bad.jsonl.gz")))
 
 
 def test_field_map_renames_columns_and_keys_the_cache(tmp_path):
