@@ -133,6 +133,25 @@ def _num_labels(hf: dict) -> int:
     return len(id2label) if id2label else int(hf.get("num_labels") or 2)
 
 
+def _read_config(path: pathlib.Path, dtype=None) -> tuple[ModelConfig, hf_arch.Arch, str]:
+    """`(cfg, arch, head)` of an HF directory's config.json; unknown keys and label counts are refused."""
+    hf = hf_arch.HFConfig(_read_json(path / "config.json"))
+    archs = hf.get("architectures") or [None]
+    arch, head = hf_arch.get(archs[0]), hf_arch.head_of(archs[0])
+    if head == "scalar" and _num_labels(hf) != 1:
+        raise ValueError(f"{path} is a {archs[0]} with {_num_labels(hf)} labels; only a reward model (num_labels=1) "
+                         "maps onto our scalar head")
+    target = _dtype_name(dtype or hf.get("dtype") or hf.get("torch_dtype") or "float32")
+    fields = arch.from_hf(hf)
+    hf_arch.check_consumed(hf, arch.name)
+    return ModelConfig(**fields, dtype=target, param_dtype=target), arch, head
+
+
+def load_config(path, *, dtype=None) -> ModelConfig:
+    """The `ModelConfig` of a Hugging Face directory, as `load` gives it, without reading any tensor."""
+    return _read_config(pathlib.Path(path), dtype)[0]
+
+
 def load(path, *, dtype=None) -> tuple[ModelConfig, dict]:
     """Read a Hugging Face directory (config.json + model.safetensors or a sharded index).
 
@@ -148,16 +167,8 @@ def load(path, *, dtype=None) -> tuple[ModelConfig, dict]:
       host memory (place them with `jax.device_put(params, shardings)`).
     """
     path = pathlib.Path(path)
-    hf = hf_arch.HFConfig(_read_json(path / "config.json"))
-    archs = hf.get("architectures") or [None]
-    arch, head = hf_arch.get(archs[0]), hf_arch.head_of(archs[0])
-    if head == "scalar" and _num_labels(hf) != 1:
-        raise ValueError(f"{path} is a {archs[0]} with {_num_labels(hf)} labels; only a reward model (num_labels=1) "
-                         "maps onto our scalar head")
-    target = _dtype_name(dtype or hf.get("dtype") or hf.get("torch_dtype") or "float32")
-    fields = arch.from_hf(hf)
-    hf_arch.check_consumed(hf, arch.name)
-    cfg = ModelConfig(**fields, dtype=target, param_dtype=target)
+    cfg, arch, head = _read_config(path, dtype)
+    target = cfg.param_dtype
     shapes = _expected_shapes(cfg, head)
     maps = arch.tensor_maps(cfg, head)
     _check_cover(arch, maps, shapes)
@@ -346,7 +357,10 @@ def export_run(run, out, *, architecture: Optional[str] = None, dtype=None) -> p
         tok_dir = runs.run_dir(runs.checkpoint_dir(run))
     tok = tokenizers.load(tok_dir)
     params = jax.tree.map(lambda a: np.asarray(a) if dtype is None else np.asarray(a).astype(dtype), params)
-    pad = None if getattr(tok, "pad_is_eos", False) else tok.pad_id
+    # transformers scores the last token that is not pad: a pad that is also the eos or end of turn would
+    # move that token off the one our reward model reads (see the module docstring).
+    ends = {tok.eos_id} | ({tok.end_of_turn_id()} if getattr(tok, "chat_template", None) else set())
+    pad = None if getattr(tok, "pad_is_eos", False) or tok.pad_id in ends else tok.pad_id
     out = save(cfg, params, out, architecture=architecture, extra_config={
         "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": pad})
     tokenizers.save(tok, out)

@@ -13,7 +13,6 @@ import dataclasses
 import glob
 import json
 import os
-import shutil
 from typing import Optional
 
 import jax
@@ -24,7 +23,7 @@ from lm.config import ModelConfig
 from lm.model import abstract_params
 from lm.tokenizer import Tokenizer
 
-TOKENIZER = "tokenizer.model"
+TOKENIZER = tokenizers.SP_MODEL  # a run's own (project) tokenizer
 
 
 def checkpoint_dir(path: str) -> str:
@@ -81,10 +80,14 @@ def init_from(config):
         from lm import hf
 
         if hf.head_of(config.init_from) != "lm":
-            raise ValueError(f"init_from {config.init_from} is not a language model (a policy starts from one)")
-        cfg, params = hf.load(config.init_from)
+            raise ValueError(f"init_from {config.init_from} is a reward model (*ForSequenceClassification); this "
+                             "stage starts from a language model")
+        # Trained in float32 whatever the checkpoint stores (bf16 updates of a small learning rate round away);
+        # model.overrides (e.g. param_dtype) apply on top.
+        cfg = hf.load_config(config.init_from, dtype="float32")
 
-        def init_hf(abstract):
+        def init_hf(abstract):  # read when called, so no host copy outlives the placement
+            _, params = hf.load(config.init_from, dtype="float32")
             return jax.tree.map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding), params, abstract)
 
         return cfg.to_dict(), init_hf
@@ -118,18 +121,27 @@ def text_files(path: str, name: str = "data.path") -> list[str]:
     return [path]
 
 
+TOKENIZER_FILES = (tokenizers.TOKENIZER_JSON, tokenizers.SP_MODEL, tokenizers.CONFIG, tokenizers.SPECIAL_MAP,
+                   tokenizers.TEMPLATE_FILE)  # what a run directory keeps of its tokenizer
+
+
 def _copy_tokenizer(source: str, workdir: str) -> None:
-    """Copy the files of the tokenizer at `source` (any path `lm.tokenizers.load` reads) into `workdir`."""
+    """Make the tokenizer at `source` (any path `lm.tokenizers.load` reads) the one of `workdir`: the files it
+    was loaded from replace whatever tokenizer files were there."""
     tok = tokenizers.load(source)
-    if isinstance(tok, tokenizers.ProjectTokenizer) or os.path.isfile(source):
-        files = {tok.path: TOKENIZER}
-    else:  # a directory: the tokenizer's files beside its model file
-        names = (tokenizers.TOKENIZER_JSON, tokenizers.SP_MODEL, tokenizers.CONFIG, tokenizers.SPECIAL_MAP,
-                 tokenizers.TEMPLATE_FILE)
-        files = {os.path.join(source, n): n for n in names if os.path.isfile(os.path.join(source, n))}
-    for src, name in files.items():
-        if os.path.abspath(src) != os.path.abspath(os.path.join(workdir, name)):
-            shutil.copyfile(src, os.path.join(workdir, name))
+    if os.path.isfile(source) or isinstance(tok, tokenizers.ProjectTokenizer):
+        files = {tok.path: TOKENIZER}  # a `.model` file is read alone (lm.tokenizers.load)
+    else:
+        files = {os.path.join(source, n): n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(source, n))}
+        if isinstance(tok, tokenizers.SentencePieceTokenizer):
+            files.pop(os.path.join(source, tokenizers.TOKENIZER_JSON), None)  # not the one it was loaded from
+    staged = {name: open(src, "rb").read() for src, name in files.items()}  # source may be workdir itself
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(workdir, name)):
+            os.remove(os.path.join(workdir, name))
+    for name, content in staged.items():
+        with open(os.path.join(workdir, name), "wb") as f:
+            f.write(content)
 
 
 def run_tokenizer(workdir: str, source: str = "", train_on: Optional[str] = None, vocab_size: int = 0,
@@ -148,18 +160,18 @@ def run_tokenizer(workdir: str, source: str = "", train_on: Optional[str] = None
             _copy_tokenizer(source, workdir)
         elif not any(os.path.exists(os.path.join(workdir, n)) for n in (TOKENIZER, tokenizers.TOKENIZER_JSON)):
             if train_on is None:
-                raise ValueError("no tokenizer: set data.tokenizer (or init_from a run that has one)")
+                raise ValueError("no tokenizer: set data.tokenizer (or init_from a run or Hugging Face directory "
+                                 "that has one)")
             logging.info("training a %d-piece tokenizer on %s", vocab_size, train_on)
             Tokenizer.train(text_files(train_on), vocab_size, target[:-len(".model")])
         if chat_template:
+            if isinstance(tokenizers.load(workdir), tokenizers.ProjectTokenizer):
+                raise ValueError(f"data.chat_template={chat_template!r}: the project tokenizer has its own chat "
+                                 "format (lm.data.chat); a template applies to a checkpoint's tokenizer")
             with open(os.path.join(workdir, tokenizers.TEMPLATE_FILE), "w", encoding="utf-8") as f:
                 f.write(tokenizers.chat_template_source(chat_template))
     distributed.barrier("tokenizer")
-    tok = tokenizers.load(workdir)
-    if chat_template and isinstance(tok, tokenizers.ProjectTokenizer):
-        raise ValueError(f"data.chat_template={chat_template!r}: the project tokenizer has its own chat format "
-                         "(lm.data.chat); a template applies to a checkpoint's tokenizer")
-    return tok
+    return tokenizers.load(workdir)
 
 
 def save_config(config, workdir: str) -> None:
@@ -262,9 +274,10 @@ def load(path: str, *, mesh=None, rules=None, head: Optional[str] = None, cfg: O
 
     A run's newest intact checkpoint gives its model: the policy for pretraining, SFT, DPO and PPO runs (a
     PPO checkpoint holds actor and critic; its metadata names the actor as the policy), the scalar-head
-    model of a reward run. `head` ("lm" or "scalar") is checked against what the run holds. `cfg` (run
-    directories only), when given, must be the same model as the saved one (it may differ in
-    RUNTIME_FIELDS, e.g. param_dtype); the params are loaded in its layout and it is the config returned.
+    model of a reward run; a Hugging Face directory's causal LM or `*ForSequenceClassification` (reward model).
+    `head` ("lm" or "scalar") is checked against what it holds. `cfg`, when given, must be the same model as
+    the saved one (it may differ in RUNTIME_FIELDS, e.g. param_dtype); the params are loaded in its layout and
+    dtype and it is the config returned.
     Params land on `mesh` under `rules` (default lm.sharding.RULES) or, without a mesh, on the first local
     device. The tokenizer (`lm.tokenizers.load`) is `tokenizer` (a path), else the run's or Hugging Face
     directory's own, else None.
@@ -279,7 +292,10 @@ def load(path: str, *, mesh=None, rules=None, head: Optional[str] = None, cfg: O
         if head is not None and head != held:
             raise ValueError(f"{path} is a Hugging Face {'reward model' if held == 'scalar' else 'language model'} "
                              f"({held!r} head), not the {head!r} head asked for")
-        cfg, params = hf.load(path)
+        saved, params = hf.load(path, dtype=None if cfg is None else cfg.param_dtype)
+        if cfg is not None:
+            saved.check_same_model(cfg, f"the Hugging Face directory {path}")
+        cfg = cfg or saved
         if mesh is not None:
             params = jax.device_put(params, jax.tree.map(lambda a: a.sharding, abstract_params(cfg, held, mesh, rules)))
     else:

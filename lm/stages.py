@@ -42,6 +42,7 @@ def sft(config, workdir: str) -> str:
     multi-turn included), in the tokenizer's chat template, the loss on every assistant reply."""
     d = config.data
     model_cfg, init_params, tok = runs.start(config, workdir)
+    data.chat.stop_id(tok)  # fails now, not after training, for a template whose replies could never end
     if init_params is None:
         logging.warning("config.init_from is empty: fine-tuning a randomly initialised %s", config.model.preset)
     kw = dict(runs.data_kwargs(config), pack=d.pack, overlong=d.overlong, field_map=d.field_map)

@@ -16,8 +16,10 @@ map to their ids, as `tokenizers` does with `add_special_tokens=False`), `decode
 convention of most RLHF code, since padding is masked out anyway.
 
 Assistant mask rule (`apply_chat_template(..., return_assistant_mask=True)`): a token gets 1.0 when its
-character span overlaps the rendered content of an assistant message, or the special token that the template
-puts right after that content (the end of turn: `<|im_end|>`, `<|eot_id|>`, eos); everything else gets 0.0.
+character span overlaps an assistant reply: its rendered content, what the template writes between the
+generation prompt and that content (Llama-2's `' '`), and the special token the template puts after it (the
+end of turn, `end_of_turn()`: `<|im_end|>`, `<|eot_id|>`, eos, whitespace between included, as Llama-2's
+`' ' + eos`); everything else gets 0.0. The masked tokens are thus what a model generates after the prompt.
 Each content's position is found by rendering the conversation once more with that content replaced by a
 sentinel, so headers or other messages that happen to contain the same text cannot be mistaken for it.
 """
@@ -137,15 +139,39 @@ class ChatTemplateMixin:
     chat_template: Optional[str] = None
 
     def render_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = False) -> str:
-        """The template applied to `messages`, as text (special tokens appear as their strings)."""
+        """The template applied to `messages`, as text (special tokens appear as their strings). A template's
+        own error (`raise_exception`, e.g. "roles must alternate") becomes a ValueError naming the tokenizer."""
         if not self.chat_template:
-            raise ValueError(f"tokenizer {getattr(self, 'path', '')} has no chat template "
-                             f"(expected `chat_template` in {CONFIG} or a {TEMPLATE_FILE} file)")
+            raise ValueError(f"tokenizer {getattr(self, 'path', '')} has no chat template (expected `chat_template` "
+                             f"in {CONFIG} or a {TEMPLATE_FILE} file; set data.chat_template for a base model)")
         if not hasattr(self, "_compiled_template"):
             self._compiled_template = compile_chat_template(self.chat_template)
-        return self._compiled_template.render(messages=[dict(m) for m in messages],
-                                              add_generation_prompt=add_generation_prompt,
-                                              **self._template_tokens())
+        try:  # transformers passes tools and documents (None without them); templates test them
+            return self._compiled_template.render(messages=[dict(m) for m in messages], tools=None, documents=None,
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  **self._template_tokens())
+        except jinja2.TemplateError as e:
+            raise ValueError(f"chat template of {getattr(self, 'path', '')}: {e}") from e
+
+    def end_of_turn(self) -> Optional[str]:
+        """The special token the template puts after an assistant reply (whitespace between allowed), e.g.
+        `<|im_end|>`, `<|eot_id|>`, eos; None when it puts none (a model trained so could never stop)."""
+        if not hasattr(self, "_end_of_turn"):
+            text = self.render_chat_template([{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": _SENTINEL}])
+            at = text.find(_SENTINEL)
+            if at < 0:
+                raise ValueError(f"the chat template of {getattr(self, 'path', '')} does not render an assistant "
+                                 "reply's content")
+            rest = text[at + len(_SENTINEL):].lstrip()
+            ends = [s for s in self._special_strings() if s and rest.startswith(s)]
+            self._end_of_turn = max(ends, key=len) if ends else None
+        return self._end_of_turn
+
+    def end_of_turn_id(self) -> Optional[int]:
+        """The id of `end_of_turn()` (None when there is none)."""
+        eot = self.end_of_turn()
+        return None if eot is None else self._encode_with_offsets(eot)[0][0]
 
     def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = False,
                             return_assistant_mask: bool = False):
@@ -153,8 +179,8 @@ class ChatTemplateMixin:
         special-token strings in the text map to their ids).
 
         Returns `ids` (list[int]), or `(ids, mask)` with `return_assistant_mask`: mask (list[float], one per id)
-        is 1.0 on the tokens of each assistant message's content and on the end-of-turn special token right
-        after it (see the module docstring), 0.0 elsewhere.
+        is 1.0 on the tokens of each assistant message's content and on the end-of-turn token after it (see the
+        module docstring), 0.0 elsewhere.
         """
         text = self.render_chat_template(messages, add_generation_prompt)
         ids, offsets = self._encode_with_offsets(text)
@@ -178,8 +204,19 @@ class ChatTemplateMixin:
                 break
         else:
             raise ValueError(f"message {i}: the chat template changes the assistant content; cannot mask it")
-        end_of_turn = [s for s in self._special_strings() if s and text.startswith(s, end)]
-        return start, end + max(map(len, end_of_turn), default=0)
+        eot = self.end_of_turn()
+        gap = len(text[end:]) - len(text[end:].lstrip())  # e.g. Llama-2's ' ' before eos
+        if eot and text.startswith(eot, end + gap):
+            end += gap + len(eot)
+        # What the template writes between the generation prompt and the content (Llama-2's ' ') is part of
+        # the reply the model generates, so it is trained too.
+        try:
+            asked = self.render_chat_template(messages[:i], add_generation_prompt=True) if i else ""
+        except ValueError:  # e.g. a template that refuses a conversation ending with a system message
+            asked = ""
+        if asked and len(asked) <= start and text.startswith(asked):
+            start = len(asked)
+        return start, end
 
 
 # ------------------------------------------------------------------------------------- Hugging Face backend
@@ -494,8 +531,11 @@ def _sp_to_tokenizers(model_proto: bytes, add_bos: bool = True, add_eos: bool = 
 
 
 def _write_config(directory: str, config: dict, template: Optional[str]) -> None:
-    """tokenizer_config.json, and the chat template as chat_template.jinja (where transformers 5 writes it)."""
+    """tokenizer_config.json, and the chat template as chat_template.jinja (where transformers 5 writes it) and
+    in the config's `chat_template` (where transformers 4 reads it)."""
     config = {k: v for k, v in config.items() if k != "chat_template"}
+    if template:
+        config["chat_template"] = template
     with open(os.path.join(directory, CONFIG), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, ensure_ascii=False)
     if template:

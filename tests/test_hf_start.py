@@ -16,7 +16,7 @@ import configs.ppo
 import configs.reward
 import configs.sft
 import lm
-from lm import hf, stages
+from lm import hf, runs, stages
 from lm.data import chat
 from rl import reward as reward_lib
 from rl import stages as rl_stages
@@ -52,7 +52,7 @@ def _checkpoint(root):
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
     path = root / "llama"
-    model.save_pretrained(path)
+    model.to(torch.bfloat16).save_pretrained(path)  # as released checkpoints are stored
     tok.save_pretrained(path)
     return str(path)
 
@@ -103,6 +103,8 @@ def test_runs_keep_the_checkpoint_tokenizer_and_template(pipeline):
         assert tok.apply_chat_template(messages, add_generation_prompt=True) == ref.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=False)
         assert chat.stop_id(tok) == ref.convert_tokens_to_ids("<|eot_id|>")
+    for stage in ("sft", "reward", "ppo"):  # trained in float32 although the checkpoint is stored in bfloat16
+        assert runs.load_meta(pipeline[stage])["model"]["param_dtype"] == "float32"
     trained = [json.loads(line) for line in open(os.path.join(pipeline["ppo"], "metrics.jsonl"))]
     assert [r["step"] for r in trained if "kl" in r] == [1, 2]
 
@@ -120,7 +122,7 @@ def test_policy_export_loads_in_transformers(pipeline):
         theirs = model(torch.tensor([ids])).logits.numpy()
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
     # The policy moved away from the checkpoint it started from.
-    start = transformers.AutoModelForCausalLM.from_pretrained(pipeline["checkpoint"]).eval()
+    start = transformers.AutoModelForCausalLM.from_pretrained(pipeline["checkpoint"], dtype=torch.float32).eval()
     with torch.no_grad():
         assert np.abs(start(torch.tensor([ids])).logits.numpy() - theirs).max() > 1e-3
 

@@ -8,8 +8,8 @@ prompt for generation ends right after `<|assistant|>`.
 With a checkpoint's tokenizer (`lm.tokenizers.HFTokenizer` / `SentencePieceTokenizer`) the checkpoint's own
 chat template is rendered, as transformers does (`apply_chat_template`): the loss mask covers each assistant
 reply and the end-of-turn token after it, and generation stops at that token (`stop_id`: e.g. `<|im_end|>`,
-`<|eot_id|>`, or eos). A reply's ids are the rendered conversation minus the rendered prompt, so a template
-must render `prompt + reply` as the prompt's text followed by the reply's (every common template does).
+`<|eot_id|>`, or eos). A reply's ids are those that follow the prompt's in the tokenized conversation, so a
+template must render `prompt + reply` as the prompt's text followed by the reply's (every common template does).
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import numpy as np
 from lm.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
-_SENTINEL = "\uE000lm-reply\uE001"  # private-use characters: never in a template or a real message
 
 
 def _role_id(tokenizer: Tokenizer, role: str) -> int:
@@ -97,35 +96,47 @@ def format_prompt(tokenizer, prompt: str, *, system: Optional[str] = None,
 
 
 def format_response(tokenizer, response: str, prompt=None) -> np.ndarray:
-    """Token ids of an assistant reply as it follows the prompt: the text then eos (project tokenizer), or
-    what the chat template renders after the prompt `prompt` (a user text or a message list, needed then)."""
+    """Token ids of an assistant reply as it follows the prompt: the text then eos (project tokenizer), or the
+    reply and its end-of-turn token as the chat template renders and tokenizes them after the prompt `prompt`
+    (a user text or a message list, needed then).
+
+    With a template the whole conversation is tokenized at once and the reply is what follows
+    `prompt_ids(prompt)`, so its ids are those of the same text in context (SentencePiece's dummy prefix,
+    merges across the boundary); when the conversation's ids do not start with the prompt's, the reply's
+    rendered text is tokenized on its own instead (as TRL's DPO does).
+    """
     if _project(tokenizer):
         return np.asarray(tokenizer.encode(response) + [tokenizer.eos_id], np.int32)
     if prompt is None:
         raise ValueError("format_response with a chat template needs the prompt the reply answers")
     messages = _as_messages(prompt)
-    check_messages(messages)
+    head = prompt_ids(tokenizer, messages)
+    conversation = messages + [{"role": "assistant", "content": response}]
+    ids, mask = tokenizer.apply_chat_template(conversation, return_assistant_mask=True)
+    end = max((i + 1 for i, m in enumerate(mask) if m), default=0)
+    if end > len(head) and ids[:len(head)] == head.tolist():
+        return np.asarray(ids[len(head):end], np.int32)
     before = tokenizer.render_chat_template(messages, add_generation_prompt=True)
-    whole = tokenizer.render_chat_template(messages + [{"role": "assistant", "content": response}])
+    whole = tokenizer.render_chat_template(conversation)
     if not whole.startswith(before):
         raise ValueError(f"the chat template of {tokenizer.path} does not render a reply after the generation "
                          "prompt (prompt + reply is not the prompt's text followed by the reply's); cannot split "
                          "prompt and reply")
-    # What follows the end-of-turn token (usually a newline) opens the next turn, not this reply.
-    return np.asarray(tokenizer.encode(whole[len(before):].rstrip()), np.int32)
+    reply = whole[len(before):]
+    eot = tokenizer.end_of_turn()
+    cut = reply.rfind(eot) + len(eot) if eot and eot in reply else len(reply.rstrip())
+    return np.asarray(tokenizer.encode(reply[:cut]), np.int32)
 
 
 def stop_id(tokenizer) -> int:
     """The id that ends an assistant reply, where generation stops: eos (project tokenizer), else the
-    special token the chat template puts right after a reply (the end of turn), else the tokenizer's eos."""
+    template's end-of-turn token (`end_of_turn_id`: `<|eot_id|>`, `<|im_end|>`, eos, ...). A template that puts
+    no special token after a reply is an error: a model trained on it would never learn to stop."""
     if _project(tokenizer):
         return tokenizer.eos_id
-    if not hasattr(tokenizer, "_stop_id"):
-        text = tokenizer.render_chat_template([{"role": "user", "content": "hi"},
-                                               {"role": "assistant", "content": _SENTINEL}])
-        after = text[text.find(_SENTINEL) + len(_SENTINEL):]
-        ends = [s for s in tokenizer._special_strings() if s and after.startswith(s)]
-        tokenizer._stop_id = tokenizer.encode(max(ends, key=len))[0] if ends else tokenizer.eos_id
-    if tokenizer._stop_id is None:
-        raise ValueError(f"tokenizer {tokenizer.path} has no eos token and its chat template no end of turn")
-    return tokenizer._stop_id
+    i = tokenizer.end_of_turn_id()
+    if i is None:
+        raise ValueError(f"the chat template of {tokenizer.path} puts no special token of the tokenizer after an "
+                         "assistant reply, so generation could never stop (e.g. 'chatml' on a vocabulary without "
+                         "<|im_end|>); use a template whose end-of-turn marker is one (data.chat_template)")
+    return i

@@ -94,15 +94,18 @@ def pretrain_dataset(path: str, tokenizer, *, seq_len: int, batch_size: int, see
                      gmask_prob: float = 0.5) -> grain.IterDataset:
     """Batches for pretraining on plain text (a `.txt` file or a directory of them).
 
-    Each document becomes `[bos] text [eos]`; documents are concatenated and cut into rows
-    (grain's concat-then-split). "causal": next-token batches where `segment_ids` / `positions` restart at
+    Each document becomes `[bos] text [eos]` (no bos for a tokenizer without one); documents are concatenated
+    and cut into rows (grain's concat-then-split). "causal": next-token batches where `segment_ids` / `positions` restart at
     every document, so attention never crosses documents. "glm": each row is a window of
     `glm_window(seq_len)` raw tokens turned into one blank-infilling example (`lm.data.glm`), with
     `gmask_prob` of the rows using `[gMASK]`; adds `prefix_len` and 2D `positions`.
     """
     ds = _records("text", path, split, seed=seed, process_index=process_index, process_count=process_count,
                   num_epochs=num_epochs, cache_dir=cache_dir, eval_fraction=eval_fraction)
-    ds = ds.map(lambda r: np.asarray(tokenizer.encode(_text(r["text"]), bos=True, eos=True), np.int32))
+    if tokenizer.eos_id is None:
+        raise ValueError(f"tokenizer {tokenizer.path} has no eos token to end each document with")
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]  # GPT-NeoX's tokenizer has none
+    ds = ds.map(lambda r: np.asarray(bos + tokenizer.encode(_text(r["text"])) + [tokenizer.eos_id], np.int32))
     it = ds.to_iter_dataset(_READ)
     if objective == "causal":
         it = it.map(lambda t: {"inputs": t[:-1], "targets": t[1:]})
@@ -232,7 +235,8 @@ def preference_dataset(path: str, tokenizer, *, seq_len: int, k: int, batch_size
     Each response is `prompt_ids(prompt) + format_response(response)` (`lm.data.chat`: the reply and its
     eos or end of turn); responses are sorted best first; rows with
     fewer than `k` responses are filled with absent ones (rank -1, length 0). Keys (P = k(k-1)/2 pairs):
-      tokens int32 `[B, K, T]`; lengths, last_index (the eos, where a reward model reads its score),
+      tokens int32 `[B, K, T]`; lengths, last_index (the eos or end-of-turn token, where a reward model reads
+      its score),
       prompt_len, ranks int32 `[B, K]`; inputs / targets / loss_mask `[B, K, T]` in the LM convention with
       the loss on response tokens only; chosen_index / rejected_index int32 `[B, P]` (slots into K) and
       pair_mask float32 `[B, P]` (1 where the pair is a strict preference). `preference_pairs` gathers them.

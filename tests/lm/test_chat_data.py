@@ -2,6 +2,7 @@
 preference rows split prompt and reply where the template does, prompts end with the generation prompt."""
 import copy
 import json
+import os
 
 import numpy as np
 import pytest
@@ -93,9 +94,45 @@ def test_prompts_end_with_the_generation_prompt(tok, tmp_path):
 
 def test_a_template_that_does_not_render_prompt_then_reply_is_refused(tok):
     bad = copy.copy(tok)
-    bad.__dict__.pop("_compiled_template", None)
+    for cached in ("_compiled_template", "_end_of_turn"):
+        bad.__dict__.pop(cached, None)
     bad.chat_template = ("{% for m in messages|reverse %}{{ m['role'] + ':' + m['content'] + '\n' }}{% endfor %}"
                          "{% if add_generation_prompt %}assistant:{% endif %}")  # newest turn first
     with pytest.raises(ValueError, match="cannot split prompt and reply"):
         chat.format_response(bad, "Rome.", CONVERSATION[:2])
     np.testing.assert_array_equal(chat.format_response(tok, "Rome.", "Capital?"), tok.encode("Rome.<|im_end|>"))
+
+
+def test_pretraining_documents_with_a_tokenizer_without_bos(tok, tmp_path):
+    (tmp_path / "doc.txt").write_text("The capital of Spain is Madrid.\n")
+    ds = data.pretrain_dataset(str(tmp_path / "doc.txt"), tok, seq_len=32, batch_size=1, seed=0, num_epochs=1,
+                               cache_dir=str(tmp_path / "cache"), eval_fraction=0.0)
+    b = next(iter(ds))
+    n = int(b["loss_mask"][0].sum())
+    assert tok.bos_id is None
+    assert b["inputs"][0, :n].tolist() + [b["targets"][0, n - 1]] == tok.encode("The capital of Spain is Madrid.") + [
+        tok.eos_id]
+
+
+def test_a_template_without_an_end_of_turn_token_is_refused(tok):
+    plain = copy.copy(tok)
+    for cached in ("_compiled_template", "_end_of_turn"):
+        plain.__dict__.pop(cached, None)
+    plain.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(ValueError, match="puts no special token of the tokenizer after an assistant reply"):
+        chat.stop_id(plain)
+
+
+def test_a_run_directory_takes_the_new_tokenizer_whole(tok, tmp_path):
+    from lm import runs
+    from lm.tokenizer import Tokenizer
+
+    work = tmp_path / "run"
+    runs.run_tokenizer(str(work), os.path.dirname(tok.path), chat_template="chatml")
+    assert isinstance(toks.load(str(work)), toks.HFTokenizer) and (work / "chat_template.jinja").is_file()
+    (tmp_path / "t.txt").write_text("the river begins as a thin thread of water high in the hills\n" * 30)
+    own = Tokenizer.train([str(tmp_path / "t.txt")], 300, str(tmp_path / "own"))
+    got = runs.run_tokenizer(str(work), own.path)  # no stale tokenizer.json or template may shadow it
+    assert isinstance(got, toks.ProjectTokenizer) and sorted(os.listdir(work)) == ["tokenizer.model"]
+    with pytest.raises(ValueError, match="the project tokenizer has its own chat format"):
+        runs.run_tokenizer(str(work), own.path, chat_template="chatml")

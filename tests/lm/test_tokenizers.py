@@ -1,4 +1,5 @@
 """lm.tokenizers: HF and SentencePiece backends against transformers, chat templates and masks, load errors."""
+import copy
 import json
 import os
 
@@ -10,6 +11,7 @@ import transformers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lm import tokenizers as toks
+from lm.data import chat as chat_data
 from lm.data.chat import format_chat
 from lm.tokenizer import Tokenizer
 
@@ -184,3 +186,35 @@ def test_errors_name_the_path(tmp_path, dirs):
     (tmp_path / "tokenizer_config.json").write_text("[1]")
     with pytest.raises(ValueError, match="tokenizer_config.json"):
         toks.load(str(tmp_path))
+
+
+LLAMA2 = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+          "{{ '[INST] ' + message['content'] | trim + ' [/INST]' }}{% else %}"
+          "{{ ' ' + message['content'] | trim + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+
+def test_llama2_template_replies_keep_their_in_context_ids_and_end_with_eos(dirs, tmp_path):
+    """SentencePiece tokenizes a reply after `[/INST]` as `▁Hello` in context but `▁▁Hello` alone: the reply's ids
+    are the in-context ones; Llama-2 puts ' ' before eos, and eos is still trained and still ends generation."""
+    d = tmp_path / "llama2"
+    d.mkdir()
+    (d / "tokenizer.model").write_bytes(open(dirs["model"], "rb").read())
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                         "chat_template": LLAMA2}))
+    tok = toks.load(str(d))
+    prompt = [{"role": "user", "content": "Where does the river begin?"}]
+    reply = "High in the hills"
+    whole, mask = tok.apply_chat_template(prompt + [{"role": "assistant", "content": reply}],
+                                          return_assistant_mask=True)
+    head = chat_data.prompt_ids(tok, prompt).tolist()
+    got = chat_data.format_response(tok, reply, prompt).tolist()
+    assert whole == head + got and got != tok.encode(" " + reply + " </s>")
+    assert got[-1] == tok.eos_id == chat_data.stop_id(tok)
+    assert mask == [0.0] * len(head) + [1.0] * len(got)
+
+
+def test_template_errors_name_the_tokenizer(dirs):
+    tok = copy.copy(toks.load(dirs["a"]))
+    tok.chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
+    with pytest.raises(ValueError, match=r"chat template of .*tokenizer.json: Conversation roles must alternate"):
+        tok.apply_chat_template(CHAT)
