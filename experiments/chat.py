@@ -6,8 +6,8 @@ checkpoint's own); replies stream as generated.
 
 `--checkpoint` is a run directory (or its `checkpoints/`) of any stage, whose metadata holds the model config,
 or a Hugging Face directory (`config.json` + safetensors, read with lm.hf). The tokenizer (with its chat
-template) defaults to the run's or checkpoint's own. Type a message per line; `/reset` forgets the conversation, `/exit` or end of input
-(Ctrl-D) quits.
+template) defaults to the run's or checkpoint's own. Type a message per line; `/reset` forgets the
+conversation, `/exit` or end of input (Ctrl-D) quits.
 
 Streaming: the conversation is prefilled into a KV cache, then tokens are decoded `--chunk` at a time by one
 jitted `lax.scan` (compiled once per setting), and the text decoded so far is printed after each chunk.

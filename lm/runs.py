@@ -187,7 +187,8 @@ def start(config, workdir: str, *, needs: str = "", train_on: Optional[str] = No
 
     The model is `config.init_from`'s (with runtime overrides) or the preset's; the tokenizer is
     `config.data.tokenizer`, else the `init_from` run's or Hugging Face directory's, else (pretraining) one
-    trained on `train_on`; it is kept in `WORKDIR` (`run_tokenizer`), with `data.chat_template` if set. `needs`, when given, makes `init_from` required and completes the error.
+    trained on `train_on`; it is kept in `WORKDIR` (`run_tokenizer`), with `data.chat_template` if set.
+    `needs`, when given, makes `init_from` required and completes the error.
     """
     if needs and not config.init_from:
         raise ValueError(f"config.init_from must name the run {needs}")
@@ -196,6 +197,9 @@ def start(config, workdir: str, *, needs: str = "", train_on: Optional[str] = No
     source = config.data.tokenizer
     if not source and config.init_from:
         source = config.init_from if is_hf_dir(config.init_from) else run_dir(checkpoint_dir(config.init_from))
+        if not any(os.path.isfile(os.path.join(source, n)) for n in (TOKENIZER, tokenizers.TOKENIZER_JSON)):
+            raise FileNotFoundError(f"init_from {config.init_from} holds no tokenizer ({tokenizers.TOKENIZER_JSON} or "
+                                    f"{TOKENIZER}); set data.tokenizer to the model's tokenizer")
     tok = run_tokenizer(workdir, source, train_on, vocab_size, config.data.get("chat_template", ""))
     check_vocab(tok, model_cfg)
     save_config(config, workdir)

@@ -95,8 +95,8 @@ def pretrain_dataset(path: str, tokenizer, *, seq_len: int, batch_size: int, see
     """Batches for pretraining on plain text (a `.txt` file or a directory of them).
 
     Each document becomes `[bos] text [eos]` (no bos for a tokenizer without one); documents are concatenated
-    and cut into rows (grain's concat-then-split). "causal": next-token batches where `segment_ids` / `positions` restart at
-    every document, so attention never crosses documents. "glm": each row is a window of
+    and cut into rows (grain's concat-then-split). "causal": next-token batches where `segment_ids` /
+    `positions` restart at every document, so attention never crosses documents. "glm": each row is a window of
     `glm_window(seq_len)` raw tokens turned into one blank-infilling example (`lm.data.glm`), with
     `gmask_prob` of the rows using `[gMASK]`; adds `prefix_len` and 2D `positions`.
     """

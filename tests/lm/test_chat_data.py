@@ -29,8 +29,9 @@ def tok(tmp_path_factory):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     corpus = [m["content"] for m in CONVERSATION] * 5 + ["The capital of Spain is Madrid.", "Berlin is big."]
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]))
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]))
     hf = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
                                               additional_special_tokens=["<|im_start|>", "<|im_end|>"])
     hf.chat_template = CHATML
