@@ -20,7 +20,7 @@ demo: $(VENV)/.core
 	$(PY) -m experiments.pipeline --config=configs/pipeline.py:tiny --workdir=$(WORKDIR)
 
 test: $(VENV)/.test
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 clean:
 	rm -rf $(VENV) runs
