@@ -2,8 +2,8 @@
 and on an 8-device (2, 2, 2) mesh: pretraining/SFT (the LM loss under a response mask), the K-wise reward
 model, DPO against a frozen reference, and a PPO iteration (KV-cache rollout, then learn).
 
-The suite runs the whole check on Gemma3-tiny, the family with the most of the newer `ModelConfig` fields (~50 s
-on 2 cores), and the LM step (the sharded forward and backward every stage builds on) on the families whose
+The suite runs the whole check on Gemma3-tiny (with one local and one global layer), the family with the most of
+the newer `ModelConfig` fields (~60 s on 2 cores), and the LM step (the sharded forward and backward every stage builds on) on the families whose
 parameters or layer graph Gemma3 does not have; `python bench/families.py --stages` runs the whole check on all
 ten (~45 s each)."""
 import functools
@@ -31,9 +31,10 @@ TX = optax.sgd(0.5)  # linear in the gradient, so layouts compare tightly
 HP = pt.PPOConfig(response_length=6, epochs=1, mini_batches=2)
 
 
-def _cfg(name):
-    """The preset, small and scanned (compiles once per layer kind), with one period of its window pattern."""
-    cfg = presets.get(name)
+def _cfg(name, **overrides):
+    """The preset (with `overrides`), small and scanned (compiles once per layer kind), with one period of its
+    window pattern."""
+    cfg = presets.get(name, **overrides)
     layers = max(2, len(cfg.window_pattern)) if cfg.sliding_window else 2
     return cfg.replace(vocab_size=64, max_len=48, n_layers=layers, scan_unroll=1)
 
@@ -72,6 +73,8 @@ def _ppo(cfg, mesh, prompts, lengths):
     sft, rm = _params(cfg, "lm"), _params(cfg, "scalar", seed=1)
     state = pt.init_state(sft, rm, TX, HP.kl_coef, jax.random.key(2), sh)
     steps = pt.make_steps(cfg, HP, TX, sh, fsh, mesh, eos_id=2, pad_id=0, donate=False)
+    leaf = state.params["actor"]["layers"]["mlp"]["wi"]["kernel"]
+    assert len(leaf.sharding.device_set) == mesh.size and (mesh.size == 1 or not leaf.sharding.is_fully_replicated)
     out = steps.rollout(state.params["actor"], prompts, lengths, jax.random.key(7))
     new, metrics = steps.learn(state, {"ref": sft, "reward": rm}, prompts, lengths, jax.device_get(out))
     return jax.device_get(out), {k: float(metrics[k]) for k in ("loss", "kl", "score")}, jax.device_get(new.params)
@@ -82,9 +85,10 @@ def _close_trees(a, b, what):
         np.testing.assert_allclose(x, y, atol=2e-5, err_msg=f"{what} {jax.tree_util.keystr(path)}")
 
 
-def check_family(name):
-    """Run every stage's step on preset `name` on one device and on the 8-device mesh and compare them."""
-    cfg = _cfg(name)
+def check_family(name, **overrides):
+    """Run every stage's step on preset `name` (with `overrides`) on one device and on the 8-device mesh and
+    compare them."""
+    cfg = _cfg(name, **overrides)
     lm_batch, pref = _batches(cfg)
     ref_logps = np.asarray(jax.jit(lambda p, *a: dpo.sequence_logprobs(cfg, p, *a))(
         _params(cfg, "lm", seed=3), pref["inputs"], pref["targets"], pref["loss_mask"]))
@@ -106,6 +110,7 @@ def check_family(name):
         _close_trees(one[stage][1], eight[stage][1], stage)
     (out1, m1, p1), (out8, m8, p8) = one["ppo"], eight["ppo"]
     np.testing.assert_array_equal(out1.tokens, out8.tokens)
+    np.testing.assert_allclose(out1.logprobs, out8.logprobs, atol=1e-5)
     for k in m1:
         assert np.isfinite(m1[k]), (k, m1[k])
         np.testing.assert_allclose(m8[k], m1[k], rtol=1e-4, atol=1e-6, err_msg=k)
@@ -114,7 +119,7 @@ def check_family(name):
 
 @pytest.mark.parametrize("name", IN_SUITE)
 def test_every_stage_same_on_one_device_and_a_mesh(name):
-    check_family(name)
+    check_family(name, window_pattern="LG")  # one local and one global layer: Gemma3's period in 2 layers, not 6
 
 
 @pytest.mark.parametrize("name", LM_STEP_IN_SUITE)

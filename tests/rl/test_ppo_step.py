@@ -1,6 +1,6 @@
 """PPO end to end on a tiny model: two iterations change the weights, NaN rewards are skipped and stop the
-run, the sharded step on 8 fake devices equals the 1-device step, and a resumed run continues where it
-stopped (same data, samples and state)."""
+run, and a resumed run continues where it stopped (same data, samples and state). The sharded PPO iteration
+on 8 fake devices equals the 1-device one in tests/test_families.py (with every other stage's step)."""
 import functools
 
 import jax
@@ -100,28 +100,6 @@ def test_non_finite_rewards_skip_update_and_stop(single):
     # A good iteration resets the streak.
     state, metrics, _ = steps.iteration(state, frozen, prompts, lengths)
     assert int(metrics["bad_streak"]) == 0
-
-
-def test_sharded_step_equals_single_device(single):
-    steps1, state1, frozen = single
-    prompts, lengths = _prompts()
-    mesh8 = sharding.make_mesh((2, 2, 2))
-    steps8, state8, frozen8 = _setup(mesh8)
-    # The same starting point on both layouts (the fixture's state has moved on in other tests).
-    state1 = pt.init_state(*_models(), TX, HP.kl_coef, jax.random.key(2), pt.state_shardings(CFG, TX, steps1.mesh)[1])
-    rng = jax.random.key(7)
-    out1 = steps1.rollout(state1.params["actor"], prompts, lengths, rng)
-    out8 = steps8.rollout(state8.params["actor"], prompts, lengths, rng)
-    np.testing.assert_array_equal(out1.tokens, out8.tokens)
-    np.testing.assert_allclose(out1.logprobs, out8.logprobs, atol=1e-5)
-    leaf = state8.params["actor"]["layers"]["mlp"]["wi"]["kernel"]
-    assert len(leaf.sharding.device_set) == 8 and not leaf.sharding.is_fully_replicated
-    new1, m1 = steps1.learn(state1, frozen, prompts, lengths, out1)
-    new8, m8 = steps8.learn(state8, frozen8, prompts, lengths, jax.device_get(out1))
-    for k in ("loss", "policy_loss", "value_loss", "kl", "score"):
-        np.testing.assert_allclose(m1[k], m8[k], rtol=1e-4, atol=1e-6, err_msg=k)
-    for a, b in zip(jax.tree.leaves(jax.device_get(new1.params)), jax.tree.leaves(jax.device_get(new8.params))):
-        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_resume_from_checkpoint_continues_the_run(single, tmp_path):
