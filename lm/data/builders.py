@@ -252,6 +252,9 @@ def read_rows(file: str) -> Iterator[tuple[int, dict]]:
         return _parquet_rows(file)
     if name.endswith(".json"):
         return _json_list_rows(file)
+    if not name.endswith(".jsonl"):
+        raise ValueError(f"{file}: unsupported file type; data files are .jsonl, .json (a list of rows), .parquet, "
+                         ".txt (pretraining), optionally gzip-compressed (.gz), or a datasets.save_to_disk directory")
     return _jsonl_rows(file)
 
 

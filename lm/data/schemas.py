@@ -362,7 +362,13 @@ def records(kind: str, file: str, rows: Iterable[tuple[int, dict]], field_map: M
         try:
             row = _rename(raw, field_map)
             if schema is None:
-                schema, first = _detect(kind, row), number
+                absent = sorted(k for k in field_map if k not in raw)
+                try:
+                    schema, first = _detect(kind, row), number
+                except ValueError as e:
+                    if not absent:
+                        raise
+                    raise ValueError(f"{e} (data.field_map renames {absent}, which the row does not have)") from None
             parser = schema
             if schema.mismatch(row):
                 mixed = next((s for s in SCHEMAS[kind] if s.name == _MIXABLE.get(schema.name)), None)

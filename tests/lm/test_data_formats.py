@@ -338,3 +338,15 @@ def test_text_column_of_a_parquet_file(tmp_path):
         str(tmp_path / "t.parquet"))
     records = all_records("text", tmp_path / "t.parquet", tmp_path / "cache")
     assert {n: r["text"].decode() for n, r in records.items()} == {1: "first doc", 3: "third doc"}
+
+
+def test_unsupported_files_and_field_map_typos_are_named(tmp_path):
+    csv = tmp_path / "sft.csv"
+    csv.write_text("prompt,response\nhi,hello\n")
+    with pytest.raises(ValueError, match=r"sft.csv: unsupported file type; data files are .jsonl"):
+        list(builders.read_rows(str(csv)))
+    rows = tmp_path / "qa.jsonl"
+    rows.write_text(json.dumps({"question": "hi", "answer": "hello"}) + "\n")
+    with pytest.raises(ValueError, match=r"qa.jsonl:1: unrecognised sft row .*data.field_map renames \['questoin'\], "
+                                         r"which the row does not have"):
+        builders.prepare("sft", str(rows), cache_dir=str(tmp_path / "c"), field_map="questoin=prompt,answer=response")
