@@ -43,11 +43,13 @@ _CHATGLM2 = dict(_LLAMA, norm_eps=1e-5, rope_fraction=0.5, rope_interleaved=True
 _TINY = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_len=256, scan_unroll=0)
 
 _PRESETS = {
-    # LLaMA (Touvron et al. 2023): 6.74B / 13.0B.
+    # LLaMA (Touvron et al. 2023): 6.74B / 13.0B; Llama 2 (2023): 7B as LLaMA with a 4k context, 70B 68.98B.
     "llama-7b": dict(_LLAMA, vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, d_ff=11008, max_len=2048),
     "llama-13b": dict(_LLAMA, vocab_size=32000, d_model=5120, n_layers=40, n_heads=40, d_ff=13824, max_len=2048),
     "llama2-7b": dict(_LLAMA, norm_eps=1e-5, vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, d_ff=11008,
                       max_len=4096),
+    "llama2-70b": dict(_LLAMA, norm_eps=1e-5, vocab_size=32000, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                       d_ff=28672, max_len=4096),  # GQA: 8 K/V heads
     "llama-tiny": dict(_LLAMA, vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
                        max_len=256, scan_unroll=0),
     # BLOOM (BigScience 2022): 559M / 7.07B.

@@ -4,7 +4,7 @@ import pytest
 import lm
 from lm import ModelConfig, presets
 
-# Published parameter counts (LLaMA paper; BigScience model cards; GPT-2 small; GPT-3 paper; the model cards of
+# Published parameter counts (LLaMA and Llama 2 papers; BigScience model cards; GPT-2 small; GPT-3 paper; the model cards of
 # Llama 3 / 3.2, Qwen2.5, Qwen3, Mistral, Gemma 2, Phi-3, Pythia and ChatGLM2).
 PUBLISHED = {
     "llama3-8b": 8.03e9,
@@ -19,6 +19,7 @@ PUBLISHED = {
     "chatglm2-6b": 6.24e9,
     "llama-7b": 6.74e9,
     "llama-13b": 13.0e9,
+    "llama2-70b": 68.98e9,
     "bloom-7b1": 7.07e9,
     "bloom-560m": 559e6,
     "gpt2-124m": 124e6,
