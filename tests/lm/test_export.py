@@ -47,8 +47,12 @@ def _right_padded(seed=0):
     return toks_, lengths - 1
 
 
-# (preset, overrides): GQA + untied head; q/k/v biases; learned positions + tied embeddings; parallel residual.
-REWARD_CASES = [("llama-tiny", {}), ("qwen2-tiny", {}), ("gpt2-tiny", {}), ("neox-tiny", {"tie_embeddings": True})]
+# (preset, overrides): GQA + untied head; q/k/v biases; learned positions + tied embeddings; parallel residual;
+# a sliding window; q/k norms; fused qkv/gate-up tensors; (1 + w) sandwich norms, local/global layers and soft-caps;
+# learned positions with an offset and ReLU.
+REWARD_CASES = [("llama-tiny", {}), ("qwen2-tiny", {}), ("gpt2-tiny", {}), ("neox-tiny", {"tie_embeddings": True}),
+                ("mistral-tiny", {"sliding_window": 4}), ("qwen3-tiny", {}), ("phi3-tiny", {}), ("gemma2-tiny", {}),
+                ("gemma3-tiny", {"sliding_window": 4}), ("opt-tiny", {})]
 
 
 @pytest.mark.parametrize("preset,overrides", REWARD_CASES, ids=[c[0] for c in REWARD_CASES])
