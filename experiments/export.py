@@ -6,7 +6,8 @@ A pretraining, SFT, DPO or PPO run gives its policy as a causal LM (`AutoModelFo
 its raw reward model as the family's `*ForSequenceClassification` (`AutoModelForSequenceClassification`, one
 label, scored at the last non-pad token: end a sequence at the chat template's end-of-turn token, where the
 model was trained to score, not at the newline `apply_chat_template` may add after it), with the run's
-`reward_norm.json` beside: `(score - mean) / std` is the normalised reward the RL stages use. The tokenizer is written for `AutoTokenizer`, chat template included.
+`reward_norm.json` beside: `(score - mean) / std` is the normalised reward the RL stages use. The tokenizer
+is written for `AutoTokenizer`, chat template included.
 """
 from absl import flags
 
@@ -15,7 +16,8 @@ import experiments
 _RUN = flags.DEFINE_string("run", None, "Run directory (or its checkpoints/) of any stage.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output directory for the Hugging Face files.", required=True)
 _ARCH = flags.DEFINE_string("architecture", None, "HF architecture name; default: the one the model config implies.")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "Weight dtype; default: the checkpoint's (runs train in float32).")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"],
+                           "Weight dtype; default: the checkpoint's (runs train in float32).")
 
 
 def main(argv):

@@ -349,13 +349,10 @@ def export_run(run, out, *, architecture: Optional[str] = None, dtype=None) -> p
     from lm import runs, tokenizers
 
     run = str(run)
-    if runs.is_hf_dir(run):
-        cfg, params = load(run)
-        tok_dir = run
-    else:
-        cfg, params, _ = runs.load(run)
-        tok_dir = runs.run_dir(runs.checkpoint_dir(run))
-    tok = tokenizers.load(tok_dir)
+    cfg, params, tok = runs.load(run)
+    if tok is None:
+        raise FileNotFoundError(f"no tokenizer in {runs.home(run)}: expected {tokenizers.TOKENIZER_JSON} or "
+                                f"{tokenizers.SP_MODEL}")
     params = jax.tree.map(lambda a: np.asarray(a) if dtype is None else np.asarray(a).astype(dtype), params)
     # transformers scores the last token that is not pad: a pad that is also the eos or end of turn would
     # move that token off the one our reward model reads (see the module docstring).
@@ -364,7 +361,7 @@ def export_run(run, out, *, architecture: Optional[str] = None, dtype=None) -> p
     out = save(cfg, params, out, architecture=architecture, extra_config={
         "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": pad})
     tokenizers.save(tok, out)
-    norm = pathlib.Path(tok_dir) / REWARD_NORM
+    norm = pathlib.Path(runs.home(run)) / REWARD_NORM
     if "score" in params and norm.is_file():
         (out / REWARD_NORM).write_bytes(norm.read_bytes())
     return out

@@ -38,6 +38,17 @@ def run_dir(path: str) -> str:
     return path if os.path.isdir(os.path.join(path, "checkpoints")) else os.path.dirname(path)
 
 
+def home(path: str) -> str:
+    """Where the own files (tokenizer, `reward_norm.json`) of a run directory (or its `checkpoints/`) or of a
+    Hugging Face directory are."""
+    return path if is_hf_dir(path) else run_dir(checkpoint_dir(path))
+
+
+def has_tokenizer(directory: str) -> bool:
+    """Whether `directory` holds a tokenizer (`tokenizer.model` or `tokenizer.json`)."""
+    return any(os.path.isfile(os.path.join(directory, n)) for n in (TOKENIZER, tokenizers.TOKENIZER_JSON))
+
+
 def latest_step(path: str) -> Optional[int]:
     """The newest committed checkpoint step of a run directory (or its `checkpoints/`), None if none."""
     return checkpoint.latest_step(checkpoint_dir(path))
@@ -158,7 +169,7 @@ def run_tokenizer(workdir: str, source: str = "", train_on: Optional[str] = None
         os.makedirs(workdir, exist_ok=True)
         if source:
             _copy_tokenizer(source, workdir)
-        elif not any(os.path.exists(os.path.join(workdir, n)) for n in (TOKENIZER, tokenizers.TOKENIZER_JSON)):
+        elif not has_tokenizer(workdir):
             if train_on is None:
                 raise ValueError("no tokenizer: set data.tokenizer (or init_from a run or Hugging Face directory "
                                  "that has one)")
@@ -196,8 +207,8 @@ def start(config, workdir: str, *, needs: str = "", train_on: Optional[str] = No
     model_cfg = model_config(config, base_model)
     source = config.data.tokenizer
     if not source and config.init_from:
-        source = config.init_from if is_hf_dir(config.init_from) else run_dir(checkpoint_dir(config.init_from))
-        if not any(os.path.isfile(os.path.join(source, n)) for n in (TOKENIZER, tokenizers.TOKENIZER_JSON)):
+        source = home(config.init_from)
+        if not has_tokenizer(source):
             raise FileNotFoundError(f"init_from {config.init_from} holds no tokenizer ({tokenizers.TOKENIZER_JSON} or "
                                     f"{TOKENIZER}); set data.tokenizer to the model's tokenizer")
     tok = run_tokenizer(workdir, source, train_on, vocab_size, config.data.get("chat_template", ""))
@@ -310,7 +321,5 @@ def load(path: str, *, mesh=None, rules=None, head: Optional[str] = None, cfg: O
         cfg = cfg or saved
         params = _read_policy(path, meta, head, lambda h: abstract_params(cfg, h, mesh, rules))
     if tokenizer is None:
-        home = path if is_hf_dir(path) else run_dir(checkpoint_dir(path))
-        has = any(os.path.isfile(os.path.join(home, n)) for n in (TOKENIZER, tokenizers.TOKENIZER_JSON))
-        tokenizer = home if has else None
+        tokenizer = home(path) if has_tokenizer(home(path)) else None
     return cfg, params, tokenizers.load(tokenizer) if tokenizer else None

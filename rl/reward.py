@@ -156,11 +156,11 @@ def load(run_dir: str, *, cfg: Optional[ModelConfig] = None, mesh=None, rules=No
     Face `*ForSequenceClassification` directory (e.g. exported by `python -m experiments.export`).
 
     Params land on `mesh` under `rules`, in the layout of `cfg` when given (lm.runs.load). With `normalize` and
-    a `reward_norm.json` in the run directory, the head is rescaled (`normalize_head`) so the SFT policy's responses score with mean 0, std 1.
+    a `reward_norm.json` in the run directory, the head is rescaled (`normalize_head`) so the SFT policy's
+    responses score with mean 0, std 1.
     """
     cfg, params, _ = runs.load(run_dir, mesh=mesh, rules=rules, head="scalar", cfg=cfg)
-    home = run_dir if runs.is_hf_dir(run_dir) else runs.run_dir(runs.checkpoint_dir(run_dir))
-    norm = os.path.join(home, NORM_FILE)
+    norm = os.path.join(runs.home(run_dir), NORM_FILE)
     if normalize and os.path.exists(norm):
         with open(norm) as f:
             stats = json.load(f)
