@@ -357,7 +357,7 @@ def export_run(run, out, *, architecture: Optional[str] = None, dtype=None) -> p
     # transformers scores the last token that is not pad: a pad that is also the eos or end of turn would
     # move that token off the one our reward model reads (see the module docstring).
     ends = {tok.eos_id} | ({tok.end_of_turn_id()} if getattr(tok, "chat_template", None) else set())
-    pad = None if getattr(tok, "pad_is_eos", False) or tok.pad_id in ends else tok.pad_id
+    pad = None if tok.pad_id in ends else tok.pad_id  # a tokenizer that pads with eos (`pad_is_eos`) included
     out = save(cfg, params, out, architecture=architecture, extra_config={
         "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": pad})
     tokenizers.save(tok, out)
