@@ -13,6 +13,10 @@ import jax.numpy as jnp
 # Window of a global layer in a model that also has local ones: wider than any sequence.
 GLOBAL_WINDOW = 2 ** 30
 
+# Projections that may carry LoRA adapters; the layers' ones (all but lm_head) may be stored quantised.
+LORA_TARGETS = ("q", "k", "v", "o", "wi", "wg", "wo", "lm_head")
+QUANT_TARGETS = LORA_TARGETS[:-1]
+
 RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat", "scan_unroll", "init_std", "embed_grad_scale",
                   "max_len")
 
@@ -86,6 +90,23 @@ class ModelConfig:
       scan_unroll: layers per iteration of the scanned block stack; 0 unrolls the whole stack (no loop), so
         XLA fuses across layers: small models on CPU run faster (a 4-layer PPO iteration 1.3x), while compile
         time grows with depth. The parameters are stacked `[n_layers, ...]` either way.
+
+    Parameter-efficient adaptation (lm.peft; all off by default). The adapters are extra parameters beside a
+    base that a stage keeps frozen:
+      lora_rank: rank r of LoRA adapters (Hu et al. 2021) on the `lora_targets` projections; 0: none. Each
+        target computes `x W + s * (x A) B` with A `[in, r]` (uniform, as PEFT) and B `[r, out]` (zeros).
+      lora_alpha: s = lora_alpha / r, or lora_alpha / sqrt(r) with lora_rslora (rank-stabilised, Kalajdzievski
+        2023).
+      lora_targets: comma-separated projections: q, k, v, o (attention), wi, wg, wo (MLP), lm_head.
+      lora_dropout: dropout on a target's input to its adapter while training (needs a "dropout" rng).
+      prompt_tokens: learned soft-prompt embeddings put before every sequence (prompt tuning, Lester et al.
+        2021); 0: none.
+      prefix_tokens: learned per-layer keys/values every token attends to (prefix tuning / P-tuning v2, the
+        fine-tuning method of ChatGLM-6B); 0: none. Prompt or prefix tokens sit at positions 0..n-1 and
+        shift the real tokens by n, also in the KV cache (whose length grows by n).
+      quant: "none", or "int8" / "nf4": the layers' projection kernels are stored block-wise quantised
+        (lm.quant) and dequantised inside each matmul (QLoRA's frozen base).
+      quant_block: entries per quantisation block along a kernel's last input axis (QLoRA: 64).
     """
 
     vocab_size: int
@@ -139,6 +160,15 @@ class ModelConfig:
     attention_impl: Literal["xla", "pallas"] = "xla"
     remat: Literal["none", "full", "dots"] = "none"
     scan_unroll: int = 1
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = "q,k,v,o"
+    lora_dropout: float = 0.0
+    lora_rslora: bool = False
+    prompt_tokens: int = 0
+    prefix_tokens: int = 0
+    quant: Literal["none", "int8", "nf4"] = "none"
+    quant_block: int = 64
 
     def __post_init__(self):
         def check(ok, msg):
@@ -156,6 +186,7 @@ class ModelConfig:
             "remat": ("none", "full", "dots"),
             "dtype": ("float32", "bfloat16", "float16"),
             "param_dtype": ("float32", "bfloat16", "float16"),
+            "quant": ("none", "int8", "nf4"),
         }
         for field, allowed in choices.items():
             check(getattr(self, field) in allowed,
@@ -194,6 +225,32 @@ class ModelConfig:
         check(self.pos_offset >= 0, f"pos_offset must be >= 0, got {self.pos_offset}")
         check(self.pos_offset == 0 or self.position == "learned", "pos_offset needs position='learned'")
         check(self.residual != "parallel" or not self.post_norms, "residual='parallel' has no post_norms")
+        unknown = set(self.lora_target_set) - set(LORA_TARGETS)
+        check(not unknown, f"lora_targets={self.lora_targets!r} has unknown projection(s) {sorted(unknown)}; "
+                           f"known: {','.join(LORA_TARGETS)}")
+        check(self.lora_rank == 0 or self.lora_target_set, "lora_rank > 0 needs at least one lora_targets entry")
+        for field in ("lora_rank", "prompt_tokens", "prefix_tokens"):
+            check(getattr(self, field) >= 0, f"{field} must be >= 0, got {getattr(self, field)}")
+        check(not (self.prompt_tokens and self.prefix_tokens), "prompt_tokens and prefix_tokens are exclusive")
+        check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout={self.lora_dropout} not in [0, 1)")
+        check(self.quant_block > 1, f"quant_block must be > 1, got {self.quant_block}")
+
+    @property
+    def lora_target_set(self) -> tuple[str, ...]:
+        """The projections that get LoRA adapters (empty when lora_rank is 0)."""
+        if not self.lora_rank:
+            return ()
+        return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+
+    @property
+    def lora_scale(self) -> float:
+        """Factor of the adapters' output: lora_alpha / r (rsLoRA: / sqrt(r))."""
+        return self.lora_alpha / (math.sqrt(self.lora_rank) if self.lora_rslora else self.lora_rank)
+
+    @property
+    def virtual_tokens(self) -> int:
+        """Positions taken by prompt- or prefix-tuning tokens in front of every sequence."""
+        return self.prompt_tokens + self.prefix_tokens
 
     @property
     def kv_heads(self) -> int:

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import kernels, sharding
-from lm.config import GLOBAL_WINDOW, ModelConfig
+from lm import kernels, quant, sharding
+from lm.config import GLOBAL_WINDOW, QUANT_TARGETS, ModelConfig
 
 Cache = dict  # {"k": [L, B, S, Hkv, D], "v": [L, B, S, Hkv, D]}
 
@@ -35,6 +35,10 @@ class Dense(nn.Module):
     names still match when a mesh and axis rules are active. The contraction runs as one 2D matmul over the
     flattened leading dims: XLA:CPU computes the backward of a `[B, T, E]` tensordot several times slower
     (a whole pretraining step is 1.6x slower), and other backends lower both forms alike.
+
+    The module's name decides its adaptation (lm.config.LORA_TARGETS): with `cfg.quant` a layer projection's
+    kernel is stored quantised (`kernel` codes + `kernel_scale`, lm.quant) and dequantised here; a LoRA
+    target adds `lora_a [*in_dims, r]` and `lora_b [r, *features]`.
     """
     cfg: ModelConfig
     features: tuple
@@ -42,18 +46,47 @@ class Dense(nn.Module):
     use_bias: bool
     n_in: int = 1
 
+    def _kernel(self, shape):
+        cfg = self.cfg
+        if cfg.quant == "none" or self.name not in QUANT_TARGETS:
+            return self.param("kernel", _init(cfg, self.names), shape, cfg.params_dtype)
+        axis = self.n_in - 1  # blocks run along the last contracting axis
+        codes_shape, codes_dtype, scale_shape = quant.shapes(shape, cfg.quant, cfg.quant_block, axis,
+                                                             f"{self.name} kernel {shape}")
+        codes = self.param("kernel", _zeros(self.names), codes_shape, codes_dtype)
+        scale = self.param("kernel_scale", nn.with_logical_partitioning(nn.initializers.ones_init(), self.names),
+                           scale_shape, jnp.float32)
+        return quant.dequantize(codes, scale, cfg.quant, axis, cfg.compute_dtype)
+
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
+        dt = cfg.compute_dtype
         shape = x.shape[x.ndim - self.n_in:] + self.features
-        kernel = self.param("kernel", _init(cfg, self.names), shape, cfg.params_dtype)
+        kernel = self._kernel(shape)
         lead, k_in = x.shape[:x.ndim - self.n_in], int(np.prod(shape[:self.n_in]))
-        y = jnp.dot(x.astype(cfg.compute_dtype).reshape(-1, k_in), kernel.astype(cfg.compute_dtype).reshape(k_in, -1))
+        x2 = x.astype(dt).reshape(-1, k_in)
+        y = jnp.dot(x2, kernel.astype(dt).reshape(k_in, -1))
+        if self.name in cfg.lora_target_set:
+            r = cfg.lora_rank
+            a = self.param("lora_a", nn.with_logical_partitioning(_LORA_A_INIT, self.names[:self.n_in] + ("lora",)),
+                           shape[:self.n_in] + (r,), cfg.params_dtype)
+            b = self.param("lora_b", _zeros(("lora",) + self.names[self.n_in:]), (r,) + self.features,
+                           cfg.params_dtype)
+            if cfg.lora_dropout and self.has_rng("dropout"):
+                x2 = nn.Dropout(cfg.lora_dropout, deterministic=False)(x2)
+            h = jnp.dot(x2, a.astype(dt).reshape(k_in, r))
+            y = y + jnp.dot(h, b.astype(dt).reshape(r, -1)) * jnp.asarray(cfg.lora_scale, dt)
         y = y.reshape(lead + self.features)
         if self.use_bias:
             bias = self.param("bias", _zeros(self.names[self.n_in:]), self.features, cfg.params_dtype)
-            y = y + bias.astype(cfg.compute_dtype)
+            y = y + bias.astype(dt)
         return y
+
+
+# PEFT's LoRA A init: kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+# (Default axes: fan_in is the product of every axis but the last, the rank.)
+_LORA_A_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
 def _dense(cfg, features, names, bias, name, axis=-1):
@@ -147,6 +180,14 @@ class Attention(nn.Module):
                 return jnp.where(window < GLOBAL_WINDOW, local, out)
 
             q, k = rotate(q), rotate(k)
+        if cfg.prefix_tokens and ctx["decode_index"] is None:
+            # Prefix tuning: the first n positions (the virtual tokens) hold learned keys and values.
+            n, b = cfg.prefix_tokens, x.shape[0]
+            names = ("length", "kv_heads", "head_dim")
+            k, v = (jnp.concatenate([jnp.broadcast_to(self.param(name, _init(cfg, names), (n, hkv, d),
+                                                                 cfg.params_dtype).astype(t.dtype), (b, n, hkv, d)),
+                                     t[:, n:]], axis=1)
+                    for name, t in (("prefix_k", k), ("prefix_v", v)))
         slopes = kernels.alibi_slopes(hq) if cfg.position == "alibi" else None
         causal_kw = dict(impl=cfg.attention_impl, alibi_slopes=slopes)
         # Only the fields a config sets are passed, so kernels see the arguments they always saw otherwise.
@@ -275,6 +316,19 @@ class Transformer(nn.Module):
             prefix_len = None
         if positions is None:
             positions = default_positions(cfg, b, t, decode_index, prefix_len)
+        n_virtual = cfg.virtual_tokens
+        decoding = cache is not None and decode_index is not None
+        if n_virtual:
+            # Prompt/prefix tuning: n virtual tokens at positions 0..n-1 in front of every row; the real tokens
+            # (and a decode step's cache slot) move n places on.
+            if segment_ids is not None:
+                raise ValueError("prompt/prefix tuning tokens cannot go in front of packed sequences "
+                                 "(segment_ids); set data.pack=False")
+            positions = positions + (n_virtual if positions.ndim == 2 else jnp.asarray([n_virtual, 0]))
+            if decoding:
+                decode_index = decode_index + n_virtual
+            elif prefix_len is not None:
+                prefix_len = prefix_len + n_virtual
 
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
                          embedding_init=_init(cfg, ("vocab", "embed")), name="embed")
@@ -284,6 +338,15 @@ class Transformer(nn.Module):
         if cfg.embed_grad_scale != 1.0:
             a = cfg.embed_grad_scale
             x = x * a + jax.lax.stop_gradient(x) * (1.0 - a)
+        if n_virtual and not decoding:
+            if cfg.prompt_tokens:
+                virtual = self.param("soft_prompt", _init(cfg, ("length", "embed")), (n_virtual, cfg.d_model),
+                                     cfg.params_dtype).astype(x.dtype)
+            else:  # prefix tuning: the inputs there do not matter, each layer's keys/values are replaced
+                virtual = jnp.zeros((n_virtual, cfg.d_model), x.dtype)
+            x = jnp.concatenate([jnp.broadcast_to(virtual, (b, n_virtual, cfg.d_model)), x], axis=1)
+            first = default_positions(cfg, b, n_virtual)
+            positions = jnp.concatenate([first, positions], axis=1)
         if cfg.position == "learned":
             pos_table = self.param("pos_embed", _init(cfg, ("length", "embed")),
                                    (cfg.max_len + cfg.pos_offset, cfg.d_model), cfg.params_dtype)
@@ -297,7 +360,7 @@ class Transformer(nn.Module):
         block = Block
         if cfg.remat != "none":
             block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
-        scan = functools.partial(nn.scan, variable_axes={"params": 0}, split_rngs={"params": True},
+        scan = functools.partial(nn.scan, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                                  in_axes=(0, nn.broadcast), length=cfg.n_layers,
                                  unroll=min(cfg.scan_unroll or cfg.n_layers, cfg.n_layers),
                                  metadata_params={nn.PARTITION_NAME: "layers"})
@@ -310,6 +373,8 @@ class Transformer(nn.Module):
         else:
             x, new_cache = scan(block)(cfg, name="layers")(x, {"cache": cache, "window": windows}, ctx)
         x = make_norm(cfg, "final_norm")(x)
+        if n_virtual and not decoding:
+            x = x[:, n_virtual:]
 
         if self.head == "scalar":
             out = _dense(cfg, 1, ("embed", None), True, "score")(x.astype(cfg.compute_dtype))[..., 0]
@@ -329,8 +394,8 @@ class Transformer(nn.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: Optional[int] = None, dtype=None) -> Cache:
-    """Zeroed KV cache `{"k", "v"}: [n_layers, B, max_len, n_kv_heads, head_dim]`."""
-    shape = (cfg.n_layers, batch, max_len or cfg.max_len, cfg.kv_heads, cfg.dim_per_head)
+    """Zeroed KV cache `{"k", "v"}: [n_layers, B, max_len + virtual tokens, n_kv_heads, head_dim]`."""
+    shape = (cfg.n_layers, batch, (max_len or cfg.max_len) + cfg.virtual_tokens, cfg.kv_heads, cfg.dim_per_head)
     dtype = dtype or cfg.compute_dtype
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 

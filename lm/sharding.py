@@ -30,6 +30,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("length", None),
     ("head_dim", None),
     ("layers", None),
+    ("lora", None),
 )
 
 log = logging.getLogger(__name__)
