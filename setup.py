@@ -37,6 +37,7 @@ setup(
             "datasets>=2.14",  # reference writers of Parquet and save_to_disk data (tests/lm/test_data_formats.py)
             "torch==2.13.0",
             "transformers>=4.57,<6",
+            "peft>=0.13",  # reference loader of PEFT adapter directories (tests/lm/test_hf_adapter.py)
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6.29",

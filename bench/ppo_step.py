@@ -73,7 +73,7 @@ def bench_ours(a):
     gen, total = [], []
     for i in range(a.iters + 1):
         t0 = time.perf_counter()
-        out = jax.block_until_ready(steps.rollout(state.params["actor"], prompts, lengths,
+        out = jax.block_until_ready(steps.rollout(state.params, frozen, prompts, lengths,
                                                   jax.random.fold_in(jax.random.PRNGKey(3), i)))
         t1 = time.perf_counter()
         state, metrics = steps.learn(state, frozen, prompts, lengths, out)

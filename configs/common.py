@@ -11,6 +11,7 @@ from ml_collections import config_dict
 
 from lm import sharding
 from lm.config import ModelConfig
+from lm.peft import PeftConfig
 
 
 def _placeholder(field: dataclasses.Field):
@@ -115,4 +116,6 @@ def base(*, model_preset: str, steps: int, batch_size: int, lr: float, warmup_st
     c.train = train(steps, batch_size, log_every=log_every, eval_every=eval_every)  # the loop
     c.checkpoint = checkpoint(checkpoint_every)  # orbax saving
     c.distributed = distributed()  # multi-process setup
+    # --config.peft.method=lora|qlora|prompt|prefix --config.peft.rank=8 ...; "none" = full fine-tuning.
+    c.peft = from_dataclass(PeftConfig)  # adapters on a frozen init_from model: fields in lm.peft.PeftConfig
     return c

@@ -1,6 +1,10 @@
 """Export a run's model and tokenizer as a Hugging Face directory: lm.hf.export_run.
 
   python -m experiments.export --run=runs/sft --out=hf/sft [--architecture=LlamaForCausalLM] [--dtype=bfloat16]
+  python -m experiments.export --run=runs/sft_lora --out=hf/sft_lora --adapter
+
+A run of adapters (`--config.peft.method=...`) is exported merged; with `--adapter`, the model it adapted goes
+to OUT and its adapters, in PEFT's format, to OUT/adapter (`peft.PeftModel.from_pretrained(model, OUT/adapter)`).
 
 A pretraining, SFT, DPO or PPO run gives its policy as a causal LM (`AutoModelForCausalLM`); a reward run gives
 its raw reward model as the family's `*ForSequenceClassification` (`AutoModelForSequenceClassification`, one
@@ -18,13 +22,15 @@ _OUT = flags.DEFINE_string("out", None, "Output directory for the Hugging Face f
 _ARCH = flags.DEFINE_string("architecture", None, "HF architecture name; default: the one the model config implies.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"],
                            "Weight dtype; default: the checkpoint's (runs train in float32).")
+_ADAPTER = flags.DEFINE_bool("adapter", False, "For a run of adapters: the base model to OUT and the PEFT adapter "
+                             "to OUT/adapter instead of merged weights.")
 
 
 def main(argv):
     del argv
     from lm import hf
 
-    out = hf.export_run(_RUN.value, _OUT.value, architecture=_ARCH.value, dtype=_DTYPE.value)
+    out = hf.export_run(_RUN.value, _OUT.value, architecture=_ARCH.value, dtype=_DTYPE.value, adapter=_ADAPTER.value)
     print(f"wrote {out}")
 
 

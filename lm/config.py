@@ -17,6 +17,10 @@ GLOBAL_WINDOW = 2 ** 30
 LORA_TARGETS = ("q", "k", "v", "o", "wi", "wg", "wo", "lm_head")
 QUANT_TARGETS = LORA_TARGETS[:-1]
 
+# The adaptation fields (lm.peft): off at their defaults.
+ADAPTER_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "lora_rslora", "prompt_tokens",
+                  "prefix_tokens", "quant", "quant_block")
+
 RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat", "scan_unroll", "init_std", "embed_grad_scale",
                   "max_len")
 

@@ -329,7 +329,7 @@ def save(cfg: ModelConfig, params, path, *, architecture: Optional[str] = None, 
 REWARD_NORM = "reward_norm.json"  # rl.reward.NORM_FILE (lm does not import rl): score mean/std of the SFT policy
 
 
-def export_run(run, out, *, architecture: Optional[str] = None, dtype=None) -> pathlib.Path:
+def export_run(run, out, *, architecture: Optional[str] = None, dtype=None, adapter: bool = False) -> pathlib.Path:
     """Write the model and tokenizer of a run directory (any stage) as a Hugging Face directory.
 
     The model is the one `lm.load` gives: the policy of a pretraining, SFT, DPO or PPO run (a causal LM), the
@@ -343,13 +343,24 @@ def export_run(run, out, *, architecture: Optional[str] = None, dtype=None) -> p
       out: output directory (created).
       architecture: HF architecture name; None picks it from the model config (see `save`).
       dtype: dtype of the written weights (e.g. "bfloat16"); None keeps the checkpoint's.
+      adapter: for a run of adapters on a causal LM: write the model it adapted (float, as it was before any
+        quantisation) to `out` and the adapters in PEFT's format to `out/adapter` (lm.hf_adapter), for
+        `peft.PeftModel.from_pretrained(model, out/adapter)`; without it the adapters are merged in.
     Returns:
       The output directory.
     """
-    from lm import runs, tokenizers
+    from lm import peft, runs, tokenizers
 
     run = str(run)
-    cfg, params, tok = runs.load(run)
+    trainable = None
+    if adapter:
+        adapted, params, trainable = runs.load_adapted(run)
+        if "score" in trainable:
+            raise ValueError(f"{run} holds reward-model adapters: PEFT adapters are written for causal LMs only; "
+                             "export it without --adapter (merged)")
+        cfg, tok = peft.plain_config(adapted), runs.tokenizer_of(run)
+    else:
+        cfg, params, tok = runs.load(run)
     if tok is None:
         raise FileNotFoundError(f"no tokenizer in {runs.home(run)}: expected {tokenizers.TOKENIZER_JSON} or "
                                 f"{tokenizers.SP_MODEL}")
@@ -364,4 +375,10 @@ def export_run(run, out, *, architecture: Optional[str] = None, dtype=None) -> p
     norm = pathlib.Path(runs.home(run)) / REWARD_NORM
     if "score" in params and norm.is_file():
         (out / REWARD_NORM).write_bytes(norm.read_bytes())
+    if trainable is not None:
+        from lm import hf_adapter
+
+        trainable = jax.tree.map(np.asarray, trainable)
+        hf_adapter.save_adapter(adapted, trainable, out / "adapter", architecture=architecture,
+                                base_model_name_or_path=str(out))
     return out

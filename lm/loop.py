@@ -14,6 +14,7 @@ SIGTERM (or JAX's multi-host preemption notice) it saves the current step on eve
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import signal
@@ -210,11 +211,13 @@ def run(config, workdir: str, program: Program):
     return state
 
 
-def evaluate(eval_step, params, data: Iterable, num_batches: int, mesh, rules, rng) -> dict:
-    """Token-weighted mean of the loss function's metrics over `num_batches` batches of `data`, plus perplexity."""
+def evaluate(eval_step, params, data: Iterable, num_batches: int, mesh, rules, *frozen) -> dict:
+    """Token-weighted mean of the loss function's metrics over `num_batches` batches of `data`, plus perplexity.
+
+    frozen: the frozen params, for an eval step built with them (lm.train_step.make_eval_step)."""
     sums, total = {}, 0.0
-    for i, batch in zip(range(num_batches), data):
-        m = jax.device_get(eval_step(params, sharding.global_batch(batch, mesh, rules), jax.random.fold_in(rng, i)))
+    for batch in itertools.islice(data, num_batches):
+        m = jax.device_get(eval_step(params, sharding.global_batch(batch, mesh, rules), *frozen))
         w = float(m.pop("weight", 1.0))
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + w * float(v)
@@ -227,7 +230,7 @@ def evaluate(eval_step, params, data: Iterable, num_batches: int, mesh, rules, r
 
 def fit(config, workdir: str, *, loss_fn: LossFn, build_params: Callable, train_data: Iterable,
         eval_data: Optional[Iterable] = None, meta: Optional[Mapping[str, Any]] = None,
-        init_params: Optional[Callable] = None):
+        init_params: Optional[Callable] = None, frozen=None):
     """Train `loss_fn` for `config.train.steps` steps through `run`; returns the final `TrainState`.
 
     loss_fn: `(params, batch, rng) -> (loss, metrics)` (lm.losses.lm_loss_fn for LM stages).
@@ -238,6 +241,8 @@ def fit(config, workdir: str, *, loss_fn: LossFn, build_params: Callable, train_
     meta: JSON-able metadata saved with every checkpoint (the model config under "model").
     init_params: `abstract_params -> params`, used instead of the random init when there is nothing to
       resume (e.g. SFT loading pretrained weights).
+    frozen: a parameter-efficient run's `lm.peft.Frozen` (the base, never trained); build_params and the
+      state then hold the trainable leaves only, and the loss sees both merged.
     """
     tc = config.train
     mesh, rules = mesh_and_rules(config)
@@ -249,17 +254,18 @@ def fit(config, workdir: str, *, loss_fn: LossFn, build_params: Callable, train_
         params = None if init_params is None else init_params(abstract.params)
         return init_state(build_params, tx, jax.random.PRNGKey(config.seed), mesh, rules, params)[0]
 
+    frozen_sh, extra = (None, ()) if frozen is None else (frozen.shardings, (frozen.params,))
     step_fn = make_train_step(loss_fn, tx, shardings, mesh, rules=rules, micro_batches=tc.micro_batches,
-                              lr_schedule=lr)
-    eval_step = None if eval_data is None else make_eval_step(loss_fn, shardings.params, mesh, rules=rules)
+                              lr_schedule=lr, frozen_shardings=frozen_sh)
+    eval_step = None if eval_data is None else make_eval_step(loss_fn, shardings.params, mesh, rules=rules,
+                                                                frozen_shardings=frozen_sh)
 
     def evaluate_fn(state):
-        return evaluate(eval_step, state.params, eval_data, tc.eval_batches, mesh, rules,
-                        jax.random.PRNGKey(config.seed + 1))
+        return evaluate(eval_step, state.params, eval_data, tc.eval_batches, mesh, rules, *extra)
     program = Program(
         abstract_state=abstract, init_state=fresh, data=train_data, meta=dict(meta or {}),
         evaluate=None if eval_step is None else evaluate_fn,
-        step=lambda state, batch: step_fn(state, sharding.global_batch(batch, mesh, rules)),
+        step=lambda state, batch: step_fn(state, sharding.global_batch(batch, mesh, rules), *extra),
         tokens=lambda batch: int(np.asarray(batch["inputs"]).size) if "inputs" in batch else 0,
         max_bad_steps=tc.max_bad_steps)
     return run(config, workdir, program)

@@ -11,7 +11,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from lm.model import Transformer
+from lm.model import Transformer, dropout_rngs
 
 MODEL_KWARGS = ("positions", "segment_ids", "prefix_len")
 
@@ -68,8 +68,8 @@ def lm_loss_fn(model: Transformer) -> Callable:
     """`loss_fn(params, batch, rng) -> (loss, metrics)` of `model` on an LM batch (pretraining and SFT)."""
 
     def loss_fn(params, batch, rng):
-        del rng  # the model is deterministic (no dropout)
-        logits = model.apply({"params": params}, batch["inputs"], **model_kwargs(batch, model.cfg))
+        logits = model.apply({"params": params}, batch["inputs"], rngs=dropout_rngs(model.cfg, rng),
+                             **model_kwargs(batch, model.cfg))
         return lm_loss(logits, batch["targets"], batch["loss_mask"])
 
     return loss_fn

@@ -18,6 +18,8 @@ from lm import kernels, quant, sharding
 from lm.config import GLOBAL_WINDOW, QUANT_TARGETS, ModelConfig
 
 Cache = dict  # {"k": [L, B, S, Hkv, D], "v": [L, B, S, Hkv, D]}
+# Adapters (LoRA, soft prompts, prefixes) are few and trained on a frozen base: always stored in float32.
+ADAPTER_DTYPE = jnp.float32
 
 
 def _init(cfg: ModelConfig, names):
@@ -70,9 +72,9 @@ class Dense(nn.Module):
         if self.name in cfg.lora_target_set:
             r = cfg.lora_rank
             a = self.param("lora_a", nn.with_logical_partitioning(_LORA_A_INIT, self.names[:self.n_in] + ("lora",)),
-                           shape[:self.n_in] + (r,), cfg.params_dtype)
+                           shape[:self.n_in] + (r,), ADAPTER_DTYPE)
             b = self.param("lora_b", _zeros(("lora",) + self.names[self.n_in:]), (r,) + self.features,
-                           cfg.params_dtype)
+                           ADAPTER_DTYPE)
             if cfg.lora_dropout and self.has_rng("dropout"):
                 x2 = nn.Dropout(cfg.lora_dropout, deterministic=False)(x2)
             h = jnp.dot(x2, a.astype(dt).reshape(k_in, r))
@@ -185,7 +187,7 @@ class Attention(nn.Module):
             n, b = cfg.prefix_tokens, x.shape[0]
             names = ("length", "kv_heads", "head_dim")
             k, v = (jnp.concatenate([jnp.broadcast_to(self.param(name, _init(cfg, names), (n, hkv, d),
-                                                                 cfg.params_dtype).astype(t.dtype), (b, n, hkv, d)),
+                                                                 ADAPTER_DTYPE).astype(t.dtype), (b, n, hkv, d)),
                                      t[:, n:]], axis=1)
                     for name, t in (("prefix_k", k), ("prefix_v", v)))
         slopes = kernels.alibi_slopes(hq) if cfg.position == "alibi" else None
@@ -341,7 +343,7 @@ class Transformer(nn.Module):
         if n_virtual and not decoding:
             if cfg.prompt_tokens:
                 virtual = self.param("soft_prompt", _init(cfg, ("length", "embed")), (n_virtual, cfg.d_model),
-                                     cfg.params_dtype).astype(x.dtype)
+                                     ADAPTER_DTYPE).astype(x.dtype)
             else:  # prefix tuning: the inputs there do not matter, each layer's keys/values are replaced
                 virtual = jnp.zeros((n_virtual, cfg.d_model), x.dtype)
             x = jnp.concatenate([jnp.broadcast_to(virtual, (b, n_virtual, cfg.d_model)), x], axis=1)
@@ -391,6 +393,12 @@ class Transformer(nn.Module):
         if return_hidden:
             out = (out, x)
         return (out, new_cache) if cache is not None else out
+
+
+def dropout_rngs(cfg: ModelConfig, rng) -> Optional[dict]:
+    """The `rngs` of a training forward pass: `{"dropout": rng}` when the model has LoRA dropout and `rng` is
+    given (a loss function gets `rng=None` in evaluation), else None (deterministic)."""
+    return {"dropout": rng} if rng is not None and cfg.lora_dropout else None
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: Optional[int] = None, dtype=None) -> Cache:

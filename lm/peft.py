@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from lm import quant, sharding
-from lm.config import QUANT_TARGETS, ModelConfig
+from lm.config import ADAPTER_FIELDS, QUANT_TARGETS, ModelConfig
 
 METHODS = ("none", "lora", "qlora", "prompt", "prefix")
 ADAPTER_LEAVES = ("lora_a", "lora_b", "soft_prompt", "prefix_k", "prefix_v")
@@ -143,6 +144,13 @@ def boxed_trainable(cfg: ModelConfig, rng, head: str = "lm") -> dict:
     return split(boxed_params(cfg, rng, head), head)[1]
 
 
+def init_trainable(cfg: ModelConfig, rng, head: str, shardings) -> dict:
+    """Fresh trainable leaves of `Transformer(cfg, head)` (`boxed_trainable`), built laid out by `shardings`."""
+    mesh = jax.tree.leaves(shardings)[0].mesh
+    with jax.set_mesh(mesh):
+        return jax.jit(lambda r: nn.unbox(boxed_trainable(cfg, r, head)), out_shardings=shardings)(rng)
+
+
 def abstract_base(cfg: ModelConfig, head: str = "lm", mesh=None, rules=None):
     """ShapeDtypeStructs (with shardings on `mesh`) of the frozen base of `Transformer(cfg, head)`."""
     from lm.model import boxed_params
@@ -153,6 +161,39 @@ def abstract_base(cfg: ModelConfig, head: str = "lm", mesh=None, rules=None):
         return nn.unbox(boxed)
     shardings = sharding.tree_shardings(boxed, mesh, sharding.RULES if rules is None else rules)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)
+
+
+def plain_config(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` without adapters and with float kernels (every adaptation field at its default): the model a
+    parameter-efficient run started from."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in ADAPTER_FIELDS}
+    return cfg.replace(**defaults)
+
+
+@dataclasses.dataclass
+class Frozen:
+    """A parameter-efficient run's frozen base: `params` laid out by `shardings` (in `cfg.quant`'s format)."""
+    params: Any
+    shardings: Any
+
+
+def frozen_base(cfg: ModelConfig, load: Callable, head: str, mesh, rules=None) -> Frozen:
+    """The frozen base of the adapted `cfg` for a `head` model, on `mesh`.
+
+    load: `abstract params -> params` of the starting language model (`plain_config(cfg)`, "lm" head), e.g.
+    lm.runs.init_from's loader. A scalar-head model (reward model, critic) keeps the trunk (its `score` head
+    is trainable); with `cfg.quant` the layer projections are quantised on the devices, shard by shard.
+    """
+    from lm.model import abstract_params
+
+    rules = sharding.RULES if rules is None else rules
+    params = load(abstract_params(plain_config(cfg), "lm", mesh, rules))
+    if head == "scalar":
+        params = {k: v for k, v in params.items() if k != "lm_head"}
+    shardings = jax.tree.map(lambda a: a.sharding, abstract_base(cfg, head, mesh, rules))
+    with jax.set_mesh(mesh):
+        base = jax.jit(functools.partial(quantize_base, cfg), out_shardings=shardings)(params)
+    return Frozen(base, shardings)
 
 
 def _map_projections(params, fn):
@@ -198,7 +239,8 @@ def dequantize_base(cfg: ModelConfig, params, dtype=jnp.float32) -> dict:
 
 def merged_config(cfg: ModelConfig) -> ModelConfig:
     """The config of `merge_lora`'s result: no LoRA, float kernels (soft prompts and prefixes stay)."""
-    return cfg.replace(lora_rank=0, quant="none")
+    plain = plain_config(cfg)
+    return plain.replace(prompt_tokens=cfg.prompt_tokens, prefix_tokens=cfg.prefix_tokens)
 
 
 def merge_lora(cfg: ModelConfig, params, dtype=None) -> tuple[ModelConfig, dict]:

@@ -6,6 +6,9 @@ the files of a checkpoint's tokenizer: `tokenizer.json`, `tokenizer_config.json`
 which parameters are the policy (`head`, or for runs that train several models `params`/`policy`, e.g. a PPO
 run's `{"actor": "lm", "critic": "scalar"}` with policy `actor`). `load` turns any of them, or a Hugging Face
 directory, into `(ModelConfig, params, tokenizer)`.
+
+A parameter-efficient run (`config.peft`, lm.peft) checkpoints its trainable leaves only; its metadata names
+the run or Hugging Face directory it adapted (`base`), which `load` reads again and merges the adapters into.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from typing import Optional
 import jax
 from absl import logging
 
-from lm import checkpoint, distributed, presets, sharding, tokenizers
+from lm import checkpoint, distributed, peft, presets, sharding, tokenizers
 from lm.config import ModelConfig
 from lm.model import abstract_params
 from lm.tokenizer import Tokenizer
@@ -104,6 +107,13 @@ def init_from(config):
         return cfg.to_dict(), init_hf
     meta = load_meta(config.init_from)
     cfg = ModelConfig.from_dict(meta["model"])
+    if peft.enabled(cfg):  # an adapted run: its base with the adapters merged in
+        def init_adapted(abstract):
+            mesh = getattr(jax.tree.leaves(abstract)[0].sharding, "mesh", None)
+            _, params, _ = load(config.init_from, mesh=mesh, head="lm")
+            return jax.tree.map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding), params, abstract)
+
+        return peft.merged_config(cfg).to_dict(), init_adapted
 
     def init_params(abstract):
         mesh = getattr(jax.tree.leaves(abstract)[0].sharding, "mesh", None)
@@ -111,6 +121,19 @@ def init_from(config):
                             lambda h: abstract if h == "lm" else abstract_params(cfg, h, mesh))
 
     return meta["model"], init_params
+
+
+def adapt(config, model_cfg: ModelConfig, init_params, head: str, mesh, rules) -> tuple[ModelConfig, object]:
+    """`(cfg, frozen)`: the stage's model with `config.peft`'s adapters, and for a parameter-efficient run its
+    frozen base (lm.peft.Frozen, from `init_params`, the `init_from` loader); `frozen` is None for full
+    fine-tuning."""
+    pc = peft.from_config(config)
+    cfg = peft.adapt(model_cfg, pc)
+    if not peft.enabled(cfg):
+        return cfg, None
+    if init_params is None:
+        raise ValueError(f"peft.method={pc.method!r} adapts a trained model: set config.init_from")
+    return cfg, peft.frozen_base(cfg, init_params, head, mesh, rules)
 
 
 def check_vocab(tokenizer, model_cfg: ModelConfig) -> None:
@@ -255,8 +278,12 @@ def load_meta(path: str) -> dict:
 
 def run_meta(config, model_cfg: ModelConfig, stage: str, **layout) -> dict:
     """The metadata a stage saves with its checkpoints: the model, the stage, the run config and which params
-    are the policy (`head="lm"`, or `params={name: head}` with `policy=name` for runs of several models)."""
-    return {"model": model_cfg.to_dict(), "stage": stage, "config": config.to_dict(), **layout}
+    are the policy (`head="lm"`, or `params={name: head}` with `policy=name` for runs of several models); for
+    a model with adapters, the run or directory they adapt (`base`, the absolute `init_from`)."""
+    meta = {"model": model_cfg.to_dict(), "stage": stage, "config": config.to_dict(), **layout}
+    if peft.enabled(model_cfg):
+        meta["base"] = os.path.abspath(config.init_from)
+    return meta
 
 
 def _layout(path: str, meta: dict) -> tuple[dict, str]:
@@ -283,10 +310,38 @@ def _read_policy(path: str, meta: dict, head: Optional[str], target):
     return params if policy == "" else params[policy]
 
 
+def load_adapted(path: str, *, head: Optional[str] = None, mesh=None, rules=None):
+    """`(cfg, base, trainable)` of a parameter-efficient run: its model config (adapters on), the float params
+    of the model it adapted (`base` in its metadata, read again; a scalar-head run's without `lm_head`) and
+    the policy's trainable leaves of its newest checkpoint."""
+    meta = load_meta(path)
+    saved = ModelConfig.from_dict(meta["model"])
+    if not peft.enabled(saved):
+        raise ValueError(f"{path} trained the whole model (no adapters in its model config)")
+    if "base" not in meta:
+        raise ValueError(f"{path}: a run with adapters whose checkpoint metadata names no 'base' model")
+    if not os.path.isdir(meta["base"]):
+        raise FileNotFoundError(f"{path} adapts {meta['base']}, which is gone; its adapters need that model")
+    _, base, _ = load(meta["base"], mesh=mesh, rules=rules, head="lm", cfg=peft.plain_config(saved))
+    layout, policy = _layout(path, meta)
+    if layout[policy] == "scalar":
+        base = {k: v for k, v in base.items() if k != "lm_head"}
+    return saved, base, read_trainable(path, saved, meta, head, mesh, rules)
+
+
+def read_trainable(path: str, saved: ModelConfig, meta: dict, head: Optional[str], mesh=None, rules=None):
+    """The policy's trainable leaves (adapters, and a scalar model's head) of a parameter-efficient run with
+    model config `saved` and checkpoint metadata `meta`, laid out on `mesh`; the base is not read."""
+    rules = sharding.RULES if rules is None else rules
+    return _read_policy(path, meta, head, lambda h: peft.split(abstract_params(saved, h, mesh, rules), h)[1])
+
+
 def load(path: str, *, mesh=None, rules=None, head: Optional[str] = None, cfg: Optional[ModelConfig] = None,
          tokenizer: Optional[str] = None) -> tuple[ModelConfig, dict, Optional[tokenizers.TokenizerLike]]:
     """`(ModelConfig, params, tokenizer)` of a run directory of any stage, or of a Hugging Face directory.
 
+    A run with adapters (`config.peft`) gives its base with the adapters merged (LoRA folded into the kernels,
+    a quantised base dequantised; soft prompts and prefixes stay, in the config and params).
     A run's newest intact checkpoint gives its model: the policy for pretraining, SFT, DPO and PPO runs (a
     PPO checkpoint holds actor and critic; its metadata names the actor as the policy), the scalar-head
     model of a reward run; a Hugging Face directory's causal LM or `*ForSequenceClassification` (reward model).
@@ -316,10 +371,22 @@ def load(path: str, *, mesh=None, rules=None, head: Optional[str] = None, cfg: O
     else:
         meta = load_meta(path)
         saved = ModelConfig.from_dict(meta["model"])
+        if peft.enabled(saved):  # the adapters merged into the base, quantised as in training
+            saved, base, trainable = load_adapted(path, head=head, mesh=mesh, rules=rules)
+            merged, params = peft.merge_lora(saved, peft.merge(peft.quantize_base(saved, base), trainable))
+            if cfg is not None:
+                merged.check_same_model(cfg, f"the run {path}")
+                params = jax.tree.map(lambda x: x.astype(cfg.params_dtype), params)
+            return cfg or merged, params, tokenizer_of(path, tokenizer)
         if cfg is not None:
             saved.check_same_model(cfg, f"the run {path}")
         cfg = cfg or saved
         params = _read_policy(path, meta, head, lambda h: abstract_params(cfg, h, mesh, rules))
+    return cfg, params, tokenizer_of(path, tokenizer)
+
+
+def tokenizer_of(path: str, tokenizer: Optional[str] = None) -> Optional[tokenizers.TokenizerLike]:
+    """The tokenizer at `tokenizer` (a path), else the run's or Hugging Face directory's own, else None."""
     if tokenizer is None:
         tokenizer = home(path) if has_tokenizer(home(path)) else None
-    return cfg, params, tokenizers.load(tokenizer) if tokenizer else None
+    return tokenizers.load(tokenizer) if tokenizer else None

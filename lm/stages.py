@@ -11,15 +11,19 @@ import functools
 
 from absl import logging
 
-from lm import data, losses, runs
-from lm.loop import fit
+from lm import data, losses, peft, runs
+from lm.loop import fit, mesh_and_rules
 from lm.model import Transformer, boxed_params
 
 
 def _fit_lm(config, workdir: str, stage: str, model_cfg, init_params, train_data, eval_data) -> str:
+    """Train the LM (full, or adapters on a frozen base with `config.peft`) through lm.loop.fit."""
+    model_cfg, frozen = runs.adapt(config, model_cfg, init_params, "lm", *mesh_and_rules(config))
+    build = boxed_params if frozen is None else peft.boxed_trainable
     fit(config, workdir, loss_fn=losses.lm_loss_fn(Transformer(model_cfg)),
-        build_params=functools.partial(boxed_params, model_cfg), train_data=train_data, eval_data=eval_data,
-        init_params=init_params, meta=runs.run_meta(config, model_cfg, stage, head="lm"))
+        build_params=functools.partial(build, model_cfg), train_data=train_data, eval_data=eval_data,
+        init_params=init_params if frozen is None else None, frozen=frozen,
+        meta=runs.run_meta(config, model_cfg, stage, head="lm"))
     return workdir
 
 
@@ -45,6 +49,9 @@ def sft(config, workdir: str) -> str:
     data.chat.stop_id(tok)  # fails now, not after training, for a template whose replies could never end
     if init_params is None:
         logging.warning("config.init_from is empty: fine-tuning a randomly initialised %s", config.model.preset)
+    if d.pack and config.peft.method in ("prompt", "prefix"):
+        raise ValueError(f"peft.method={config.peft.method!r} puts virtual tokens before every row, which packed "
+                         "rows cannot take: set data.pack=False")
     kw = dict(runs.data_kwargs(config), pack=d.pack, overlong=d.overlong, field_map=d.field_map)
     eval_data = data.sft_dataset(d.path, tok, split="eval", **kw) if config.train.eval_every else None
     return _fit_lm(config, workdir, "sft", model_cfg, init_params, data.sft_dataset(d.path, tok, split="train", **kw),

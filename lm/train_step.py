@@ -11,6 +11,7 @@ The loop around this step lives in lm.loop.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
@@ -18,11 +19,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
-from lm import sharding
+from lm import peft, sharding
 
-LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
+# `(params, batch, rng) -> (loss, metrics)`; rng is None in evaluation (a loss with dropout then turns it off).
+LossFn = Callable[[Any, Mapping[str, jax.Array], Optional[jax.Array]], tuple[jax.Array, dict]]
 
 
 @flax.struct.dataclass
@@ -124,12 +126,21 @@ def _weighted_grads(loss_fn: LossFn, params, batch, rng, micro_batches: int, rul
     return grads, metrics
 
 
+def with_frozen(loss_fn: LossFn) -> Callable:
+    """`(params, batch, rng, frozen) -> loss_fn(frozen + params, batch, rng)`: the model's whole param tree is
+    the frozen leaves (a parameter-efficient run's base, lm.peft) merged with the trainable ones."""
+    return lambda params, batch, rng, frozen: loss_fn(peft.merge(frozen, params), batch, rng)
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, shardings, mesh: Mesh, *,
                     rules=sharding.RULES, micro_batches: int = 1, lr_schedule: Optional[optax.Schedule] = None,
-                    donate: bool = True) -> Callable:
+                    donate: bool = True, frozen_shardings=None) -> Callable:
     """`step(state, batch) -> (state, metrics)`, jitted with the state's shardings and donated state.
 
     `step.lower(abstract_state, abstract_batch)` lowers it without running (ahead-of-time checks).
+    With `frozen_shardings` (a parameter-efficient run) it is `step(state, batch, frozen)`: `frozen` is a
+    param tree laid out so, never donated or written, and the loss sees it merged with the state's params;
+    gradients and optimiser moments exist for the state's (trainable) params only.
 
     loss_fn: `(params, batch, rng) -> (loss, metrics)`; metrics are scalars, optionally with `weight`.
     shardings: the state's shardings (from `init_state`); batch arrays are split along `batch` over the
@@ -137,9 +148,10 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, shardings
       dropped for a non-finite loss/gradient), `skipped_total` and `bad_streak` to the metrics.
     """
 
-    def step(state: TrainState, batch):
+    def step(state: TrainState, batch, *frozen):
         rng, step_rng = jax.random.split(state.rng)
-        grads, metrics = _weighted_grads(loss_fn, state.params, batch, step_rng, micro_batches, rules)
+        fn = functools.partial(with_frozen(loss_fn), frozen=frozen[0]) if frozen else loss_fn
+        grads, metrics = _weighted_grads(fn, state.params, batch, step_rng, micro_batches, rules)
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
 
@@ -160,17 +172,22 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, shardings
             metrics["lr"] = lr_schedule(state.step - state.skipped)
         return new_state, metrics
 
-    return _JitPerBatchStructure(step, shardings, mesh, rules, donate=(0,) if donate else ())
+    extra = () if frozen_shardings is None else (frozen_shardings,)
+    return _JitPerBatchStructure(step, shardings, mesh, rules, donate=(0,) if donate else (), extra=extra)
 
 
-def make_eval_step(loss_fn: LossFn, params_shardings, mesh: Mesh, *, rules=sharding.RULES) -> Callable:
-    """`eval_step(params, batch, rng) -> metrics` (the loss function's metrics, jitted, nothing donated)."""
+def make_eval_step(loss_fn: LossFn, params_shardings, mesh: Mesh, *, rules=sharding.RULES,
+                   frozen_shardings=None) -> Callable:
+    """`eval_step(params, batch[, frozen]) -> metrics`: the loss function's metrics with `rng=None` (no
+    dropout), jitted, nothing donated; with `frozen_shardings` the loss sees `frozen` merged with `params`
+    (see make_train_step)."""
 
-    def step(params, batch, rng):
-        return loss_fn(params, batch, rng)[1]
+    def step(params, batch, *frozen):
+        fn = with_frozen(loss_fn) if frozen else loss_fn
+        return fn(params, batch, None, *frozen)[1]
 
-    replicated = NamedSharding(mesh, P())
-    return _JitPerBatchStructure(step, params_shardings, mesh, rules, extra=(replicated,))
+    extra = () if frozen_shardings is None else (frozen_shardings,)
+    return _JitPerBatchStructure(step, params_shardings, mesh, rules, extra=extra)
 
 
 class _JitPerBatchStructure:

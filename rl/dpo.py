@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from lm import sharding
 from lm.config import ModelConfig
 from lm.losses import token_log_probs
-from lm.model import Transformer
+from lm.model import Transformer, dropout_rngs
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -81,28 +81,30 @@ def ranked_dpo_loss(policy_logps, ref_logps, ranks, beta: float, label_smoothing
 
 
 def sequence_logprobs(cfg: ModelConfig, params, inputs, targets, loss_mask, prefix_len=None,
-                      temperature: float = 1.0):
+                      temperature: float = 1.0, rng=None):
     """Summed log-probs of the response tokens, `[B, K]`, from LM-convention arrays `[B, K, T]`.
 
     inputs/targets/loss_mask follow lm.data.preference_dataset: `targets` are the next tokens and
     `loss_mask` is 1 on response tokens (and their eos). prefix_len: `[B, K]` for prefix-LM models (GLM).
     temperature: log-probs under `softmax(logits / temperature)` (a policy sampled at that temperature).
+    rng: dropout key of a training pass (LoRA dropout); None is deterministic.
     """
     if inputs.ndim != 3 or targets.shape != inputs.shape or loss_mask.shape != inputs.shape:
         raise ValueError(f"rl.dpo.sequence_logprobs: inputs {tuple(inputs.shape)}, targets {tuple(targets.shape)} "
                          f"and loss_mask {tuple(loss_mask.shape)} must all be [B, K, T]")
     b, k, t = inputs.shape
     flat_prefix = None if prefix_len is None else prefix_len.reshape(b * k)
-    logits = Transformer(cfg).apply({"params": params}, inputs.reshape(b * k, t), prefix_len=flat_prefix)
+    logits = Transformer(cfg).apply({"params": params}, inputs.reshape(b * k, t), prefix_len=flat_prefix,
+                                    rngs=dropout_rngs(cfg, rng))
     if temperature != 1.0:
         logits = logits / temperature
     tok_logp = token_log_probs(logits, targets.reshape(b * k, t))
     return (tok_logp * loss_mask.reshape(b * k, t).astype(jnp.float32)).sum(-1).reshape(b, k)
 
 
-def _logps(cfg, params, batch):
+def _logps(cfg, params, batch, rng=None):
     return sequence_logprobs(cfg, params, batch["inputs"], batch["targets"], batch["loss_mask"],
-                             batch.get("prompt_len"))
+                             batch.get("prompt_len"), rng=rng)
 
 
 def dpo_loss_fn(cfg: ModelConfig, beta: float, label_smoothing: float = 0.0):
@@ -112,8 +114,7 @@ def dpo_loss_fn(cfg: ModelConfig, beta: float, label_smoothing: float = 0.0):
     with `ref_logps [B, K]` added by `with_reference_logps`. `metrics["weight"]` counts prompts with pairs.
     """
     def loss_fn(params, batch, rng):
-        del rng
-        loss, metrics = ranked_dpo_loss(_logps(cfg, params, batch), batch["ref_logps"], batch["ranks"], beta,
+        loss, metrics = ranked_dpo_loss(_logps(cfg, params, batch, rng), batch["ref_logps"], batch["ranks"], beta,
                                         label_smoothing)
         return loss, dict(metrics, loss=loss, weight=metrics["prompts"])
     return loss_fn

@@ -6,6 +6,12 @@ in one `PPOState` with one optimiser, on `policy_loss + vf_coef * value_loss - e
 the reward model are frozen inputs. One iteration is two jitted calls with no host round trip between them:
 `rollout` (the KV-cache sampler of lm.generation) and `learn` (scoring, rewards, GAE, then several epochs of
 shuffled mini-batch updates as nested `lax.scan`s).
+
+With adapters (a config with LoRA, prompt or prefix tuning; lm.peft) one frozen base serves all four roles:
+the state holds the actor's and the critic's adapter sets (the critic's with its `score` head), the frozen
+inputs are `{"base": ..., "reward": ...}`, the reference is the base with the adapters off, and the reward
+model is a whole model or, `reward_on_base`, a third adapter set on the same base. Rollouts sample from
+base + actor adapters as they are (no merge, no copy). `Roles` says which params each model reads.
 """
 from __future__ import annotations
 
@@ -19,11 +25,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lm import sharding
+from lm import peft, sharding
 from lm.config import ModelConfig
 from lm.generation import SampleOutput, sample
 from lm.losses import lm_loss, model_kwargs
-from lm.model import Transformer, boxed_params
+from lm.model import Transformer, abstract_params, boxed_params
 from rl import ppo
 
 
@@ -102,9 +108,44 @@ class PPOState:
     bad_streak: jax.Array
 
 
+@dataclasses.dataclass(frozen=True)
+class Roles:
+    """Which config and params each of PPO's four models uses (static under jit).
+
+    cfg: the policy's model; with adapters (`peft.enabled`) the state holds adapter sets on `frozen["base"]`.
+    reward_cfg: the reward model's; None means `cfg` without adapters.
+    reward_on_base: the reward model is `frozen["reward"]` adapters (and head) on `frozen["base"]`.
+    """
+    cfg: ModelConfig
+    reward_cfg: Optional[ModelConfig] = None
+    reward_on_base: bool = False
+
+    @property
+    def adapted(self) -> bool:
+        return peft.enabled(self.cfg)
+
+    def actor(self, params, frozen):
+        return peft.merge(frozen["base"], params["actor"]) if self.adapted else params["actor"]
+
+    def critic(self, params, frozen):
+        return peft.merge(frozen["base"], params["critic"]) if self.adapted else params["critic"]
+
+    def ref(self, frozen) -> tuple[ModelConfig, Any]:
+        return (peft.base_config(self.cfg), frozen["base"]) if self.adapted else (self.cfg, frozen["ref"])
+
+    def reward(self, frozen) -> tuple[ModelConfig, Any]:
+        cfg = self.reward_cfg or peft.plain_config(self.cfg)
+        return cfg, peft.merge(frozen["base"], frozen["reward"]) if self.reward_on_base else frozen["reward"]
+
+
+def _roles(cfg) -> Roles:
+    return cfg if isinstance(cfg, Roles) else Roles(cfg)
+
+
 def _boxed_params(cfg: ModelConfig, rng):
     a, c = jax.random.split(rng)
-    return {"actor": boxed_params(cfg, a), "critic": boxed_params(cfg, c, head="scalar")}
+    build = peft.boxed_trainable if peft.enabled(cfg) else boxed_params
+    return {"actor": build(cfg, a), "critic": build(cfg, c, head="scalar")}
 
 
 def _state(params, tx, kl_coef, rng):
@@ -113,18 +154,32 @@ def _state(params, tx, kl_coef, rng):
                     skipped=zero, bad_streak=zero)
 
 
-def state_shardings(cfg: ModelConfig, tx, mesh: Mesh, rules=sharding.RULES):
-    """`(abstract_state, state_shardings, frozen_shardings)`; frozen = `{"ref": ..., "reward": ...}`.
+def state_shardings(cfg, tx, mesh: Mesh, rules=sharding.RULES):
+    """`(abstract_state, state_shardings, frozen_shardings)` for a ModelConfig or `Roles`; frozen is
+    `{"ref": ..., "reward": ...}`, or with adapters `{"base": ..., "reward": ...}`.
 
     Everything comes from `jax.eval_shape` of the boxed init (nothing is allocated), so this also serves to
     lower the real-size steps abstractly.
     """
-    boxed = jax.eval_shape(lambda r: _state(_boxed_params(cfg, r), tx, 0.0, r), jax.random.PRNGKey(0))
+    roles = _roles(cfg)
+    boxed = jax.eval_shape(lambda r: _state(_boxed_params(roles.cfg, r), tx, 0.0, r), jax.random.PRNGKey(0))
     shardings = sharding.tree_shardings(boxed, mesh, rules)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed),
                             shardings)
-    frozen = {"ref": shardings.params["actor"], "reward": shardings.params["critic"]}
-    return abstract, shardings, frozen
+    if not roles.adapted:
+        reward = shardings.params["critic"]
+        if roles.reward_cfg is not None:
+            reward = jax.tree.map(lambda a: a.sharding, abstract_params(roles.reward_cfg, "scalar", mesh, rules))
+        return abstract, shardings, {"ref": shardings.params["actor"], "reward": reward}
+
+    def shardings_of(tree):
+        return jax.tree.map(lambda a: a.sharding, tree)
+
+    base = shardings_of(peft.abstract_base(roles.cfg, "lm", mesh, rules))
+    rcfg = roles.reward_cfg or peft.plain_config(roles.cfg)
+    reward = abstract_params(rcfg, "scalar", mesh, rules)
+    reward = shardings_of(peft.split(reward, "scalar")[1] if roles.reward_on_base else reward)
+    return abstract, shardings, {"base": base, "reward": reward}
 
 
 def init_state(actor_params, critic_params, tx, kl_coef: float, rng, shardings) -> PPOState:
@@ -172,7 +227,11 @@ def lm_head(cfg: ModelConfig, params, hidden):
     """
     w = params["embed"]["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
     dtype = cfg.compute_dtype
-    return jnp.dot(hidden.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    out = jnp.dot(hidden.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    if "lm_head" in cfg.lora_target_set:  # as lm.model.Dense computes it
+        a, b = params["lm_head"]["lora_a"].astype(dtype), params["lm_head"]["lora_b"].astype(dtype)
+        out = out + jnp.dot(jnp.dot(hidden.astype(dtype), a), b, preferred_element_type=jnp.float32) * cfg.lora_scale
+    return out
 
 
 def _policy_outputs(cfg: ModelConfig, params, tokens, resp_index, resp_tokens, prefix_len, temperature):
@@ -189,21 +248,23 @@ def _values(cfg: ModelConfig, params, tokens, index, prefix_len):
     return _gather(values, index)
 
 
-def make_experience(cfg: ModelConfig, hp: PPOConfig, params, frozen, prompt_tokens, prompt_lengths,
+def make_experience(cfg, hp: PPOConfig, params, frozen, prompt_tokens, prompt_lengths,
                     out: SampleOutput, kl_coef, *, eos_id: Optional[int], pad_id: int):
     """Score a rollout: old log-probs, reference log-probs, values, reward-model scores, rewards, GAE.
 
-    Returns a dict of `[B, ...]` arrays for the update, and rollout metrics (scalars).
+    cfg: a ModelConfig or `Roles`. Returns a dict of `[B, ...]` arrays for the update, and rollout metrics.
     """
+    roles = _roles(cfg)
+    cfg = roles.cfg
     tokens, resp_index = assemble(prompt_tokens, prompt_lengths, out, pad_id)
     mask = out.mask
     prefix_len = prompt_lengths.astype(jnp.int32)
-    old_logp, _ = _policy_outputs(cfg, params["actor"], tokens, resp_index, out.tokens, prefix_len,
+    old_logp, _ = _policy_outputs(cfg, roles.actor(params, frozen), tokens, resp_index, out.tokens, prefix_len,
                                   hp.temperature)
-    ref_logp, _ = _policy_outputs(cfg, frozen["ref"], tokens, resp_index, out.tokens, prefix_len, hp.temperature)
-    values = _values(cfg, params["critic"], tokens, resp_index, prefix_len) * mask
+    ref_logp, _ = _policy_outputs(*roles.ref(frozen), tokens, resp_index, out.tokens, prefix_len, hp.temperature)
+    values = _values(cfg, roles.critic(params, frozen), tokens, resp_index, prefix_len) * mask
     last = prefix_len + ppo.last_token_index(mask)
-    scores = _values(cfg, frozen["reward"], tokens, last[:, None], prefix_len)[:, 0]
+    scores = _values(*roles.reward(frozen), tokens, last[:, None], prefix_len)[:, 0]
     if hp.score_clip > 0:
         scores = jnp.clip(scores, -hp.score_clip, hp.score_clip)
     has_eos = (jnp.any((out.tokens == eos_id) & (mask > 0), axis=1) if eos_id is not None
@@ -229,11 +290,16 @@ def make_experience(cfg: ModelConfig, hp: PPOConfig, params, frozen, prompt_toke
     return exp, metrics, finite
 
 
-def minibatch_loss(cfg: ModelConfig, hp: PPOConfig, params, mb, ptx=None):
-    """PPO loss of one mini-batch of experience (and an optional pretraining batch); `(loss, metrics)`."""
-    logp, logits = _policy_outputs(cfg, params["actor"], mb["tokens"], mb["resp_index"], mb["resp_tokens"],
+def minibatch_loss(cfg, hp: PPOConfig, params, mb, ptx=None, frozen=None):
+    """PPO loss of one mini-batch of experience (and an optional pretraining batch); `(loss, metrics)`.
+
+    cfg: a ModelConfig or `Roles`; frozen: the frozen inputs (with adapters, the base they sit on)."""
+    roles = _roles(cfg)
+    cfg = roles.cfg
+    actor = roles.actor(params, frozen)
+    logp, logits = _policy_outputs(cfg, actor, mb["tokens"], mb["resp_index"], mb["resp_tokens"],
                                    mb["prefix_len"], hp.temperature)
-    values = _values(cfg, params["critic"], mb["tokens"], mb["resp_index"], mb["prefix_len"])
+    values = _values(cfg, roles.critic(params, frozen), mb["tokens"], mb["resp_index"], mb["prefix_len"])
     mask = mb["mask"]
     pg, pg_m = ppo.policy_loss(logp, mb["old_logprobs"], mb["advantages"], mask, hp.clip)
     vf, vf_m = ppo.value_loss(values, mb["old_values"], mb["returns"], mask, hp.value_clip)
@@ -243,7 +309,7 @@ def minibatch_loss(cfg: ModelConfig, hp: PPOConfig, params, mb, ptx=None):
         loss = loss - hp.ent_coef * ent
     metrics = {"policy_loss": pg, "value_loss": vf, "entropy": ent, **pg_m, **vf_m}
     if ptx is not None:
-        ptx_logits = Transformer(cfg).apply({"params": params["actor"]}, ptx["inputs"], **model_kwargs(ptx))
+        ptx_logits = Transformer(cfg).apply({"params": actor}, ptx["inputs"], **model_kwargs(ptx))
         ptx_loss, _ = lm_loss(ptx_logits, ptx["targets"], ptx["loss_mask"])
         loss = loss + hp.ptx_coef * ptx_loss
         metrics["ptx_loss"] = ptx_loss
@@ -251,7 +317,7 @@ def minibatch_loss(cfg: ModelConfig, hp: PPOConfig, params, mb, ptx=None):
     return loss, metrics
 
 
-def ppo_update(cfg: ModelConfig, hp: PPOConfig, tx, state: PPOState, exp, ptx, rng, rewards_finite):
+def ppo_update(cfg, hp: PPOConfig, tx, state: PPOState, exp, ptx, rng, rewards_finite, frozen=None):
     """`hp.epochs` passes over `exp` in `hp.mini_batches` shuffled mini-batches; non-finite updates are skipped.
 
     ptx: None, or an LM batch whose rows are split into the same number of mini-batches (reused each epoch).
@@ -266,7 +332,7 @@ def ppo_update(cfg: ModelConfig, hp: PPOConfig, tx, state: PPOState, exp, ptx, r
         if n_ptx % k:
             raise ValueError(f"ppo: ptx batch {n_ptx} is not divisible by mini_batches={k}")
         ptx = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), ptx)
-    grad_fn = jax.value_and_grad(lambda p, mb, px: minibatch_loss(cfg, hp, p, mb, px), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, mb, px: minibatch_loss(cfg, hp, p, mb, px, frozen), has_aux=True)
 
     def mb_step(carry, xs):
         params, opt_state, skipped = carry
@@ -296,13 +362,14 @@ def ppo_update(cfg: ModelConfig, hp: PPOConfig, tx, state: PPOState, exp, ptx, r
     return params, opt_state, skipped, metrics
 
 
-def learn(cfg: ModelConfig, hp: PPOConfig, tx, state: PPOState, frozen, prompt_tokens, prompt_lengths,
+def learn(cfg, hp: PPOConfig, tx, state: PPOState, frozen, prompt_tokens, prompt_lengths,
           out: SampleOutput, ptx=None, *, eos_id: Optional[int], pad_id: int):
-    """Score one rollout and update actor and critic: `(new_state, metrics)` (pure; jit it)."""
+    """Score one rollout and update actor and critic: `(new_state, metrics)` (pure; jit it). cfg: a
+    ModelConfig or `Roles`."""
     rng, update_rng = jax.random.split(state.rng)
     exp, roll_metrics, finite = make_experience(cfg, hp, state.params, frozen, prompt_tokens, prompt_lengths, out,
                                                 state.kl_coef, eos_id=eos_id, pad_id=pad_id)
-    params, opt_state, skipped, metrics = ppo_update(cfg, hp, tx, state, exp, ptx, update_rng, finite)
+    params, opt_state, skipped, metrics = ppo_update(cfg, hp, tx, state, exp, ptx, update_rng, finite, frozen)
     kl_coef = ppo.update_kl_coef(state.kl_coef, roll_metrics["kl"], prompt_tokens.shape[0],
                                  adaptive=hp.adaptive_kl, target=hp.kl_target, horizon=hp.kl_horizon)
     kl_coef = jnp.where(jnp.isfinite(kl_coef), kl_coef, state.kl_coef)
@@ -318,11 +385,12 @@ def learn(cfg: ModelConfig, hp: PPOConfig, tx, state: PPOState, frozen, prompt_t
 class PPOSteps:
     """The jitted pieces of one PPO iteration, built once for a model, recipe, optimiser and mesh.
 
-    `rollout(actor_params, prompt_tokens, prompt_lengths, rng) -> SampleOutput` and `learn(state, frozen,
-    prompt_tokens, prompt_lengths, out[, ptx]) -> (state, metrics)` (the state is donated); `iteration`
-    runs both. Arrays are laid out with `state_shardings`; prompts and ptx rows split over the batch axes.
+    `rollout(params, frozen, prompt_tokens, prompt_lengths, rng) -> SampleOutput` (params: the state's, of
+    which the actor samples) and `learn(state, frozen, prompt_tokens, prompt_lengths, out[, ptx]) -> (state,
+    metrics)` (the state is donated); `iteration` runs both. Arrays are laid out with `state_shardings`;
+    prompts and ptx rows split over the batch axes.
     """
-    cfg: ModelConfig
+    cfg: Roles
     hp: PPOConfig
     mesh: Mesh
     rules: Any
@@ -330,9 +398,9 @@ class PPOSteps:
     learn_fn: Callable
     learn_ptx_fn: Callable
 
-    def rollout(self, actor_params, prompt_tokens, prompt_lengths, rng) -> SampleOutput:
+    def rollout(self, params, frozen, prompt_tokens, prompt_lengths, rng) -> SampleOutput:
         with jax.set_mesh(self.mesh):
-            return self.rollout_fn(actor_params, prompt_tokens, prompt_lengths, rng)
+            return self.rollout_fn(params, frozen, prompt_tokens, prompt_lengths, rng)
 
     def learn(self, state, frozen, prompt_tokens, prompt_lengths, out, ptx=None):
         with jax.set_mesh(self.mesh):
@@ -343,15 +411,16 @@ class PPOSteps:
     def iteration(self, state, frozen, prompt_tokens, prompt_lengths, ptx=None):
         """One PPO iteration: sample from the current actor, then learn; returns `(state, metrics, out)`."""
         rng = jax.random.fold_in(state.rng, 1 << 30)  # a stream apart from the update's splits
-        out = self.rollout(state.params["actor"], prompt_tokens, prompt_lengths, rng)
+        out = self.rollout(state.params, frozen, prompt_tokens, prompt_lengths, rng)
         state, metrics = self.learn(state, frozen, prompt_tokens, prompt_lengths, out, ptx)
         return state, metrics, out
 
 
-def make_steps(cfg: ModelConfig, hp: PPOConfig, tx, shardings, frozen_shardings, mesh: Mesh, *,
+def make_steps(cfg, hp: PPOConfig, tx, shardings, frozen_shardings, mesh: Mesh, *,
                eos_id: Optional[int], pad_id: int, rules=sharding.RULES, donate: bool = True,
                lr_schedule: Optional[optax.Schedule] = None) -> PPOSteps:
-    """Jit the rollout and learning steps with explicit shardings (see `PPOSteps`).
+    """Jit the rollout and learning steps with explicit shardings (see `PPOSteps`); cfg: a ModelConfig or
+    `Roles`.
 
     lr_schedule: the optimiser's schedule; `learn` then reports the learning rate after the iteration as `lr`.
     """
@@ -367,19 +436,22 @@ def make_steps(cfg: ModelConfig, hp: PPOConfig, tx, shardings, frozen_shardings,
                 return fn(*args)
         return traced
 
-    def do_rollout(actor, prompt_tokens, prompt_lengths, rng):
-        return sample(cfg, actor, prompt_tokens, prompt_lengths, rng, max_new_tokens=hp.response_length,
-                      temperature=hp.temperature, top_k=0, top_p=1.0, eos_id=eos_id, pad_id=pad_id)
+    roles = _roles(cfg)
+
+    def do_rollout(params, frozen, prompt_tokens, prompt_lengths, rng):
+        return sample(roles.cfg, roles.actor(params, frozen), prompt_tokens, prompt_lengths, rng,
+                      max_new_tokens=hp.response_length, temperature=hp.temperature, top_k=0, top_p=1.0,
+                      eos_id=eos_id, pad_id=pad_id)
 
     def do_learn(state, frozen, prompt_tokens, prompt_lengths, out, ptx=None):
-        state, metrics = learn(cfg, hp, tx, state, frozen, prompt_tokens, prompt_lengths, out, ptx, eos_id=eos_id,
+        state, metrics = learn(roles, hp, tx, state, frozen, prompt_tokens, prompt_lengths, out, ptx, eos_id=eos_id,
                                pad_id=pad_id)
         if lr_schedule is not None:  # optimiser steps taken so far: epochs x mini-batches per iteration
             metrics["lr"] = lr_schedule(state.step * hp.epochs * hp.mini_batches)
         return state, metrics
 
     rollout_fn = jax.jit(with_rules(do_rollout),
-                         in_shardings=(shardings.params["actor"], rows(2), rows(1), replicated),
+                         in_shardings=(shardings.params, frozen_shardings, rows(2), rows(1), replicated),
                          out_shardings=out_sh)
     learn_in = (shardings, frozen_shardings, rows(2), rows(1), out_sh)
     donate_args = (0,) if donate else ()
@@ -387,5 +459,5 @@ def make_steps(cfg: ModelConfig, hp: PPOConfig, tx, shardings, frozen_shardings,
                        donate_argnums=donate_args)
     learn_ptx_fn = jax.jit(with_rules(do_learn), in_shardings=learn_in + (rows(1),), out_shardings=(shardings, None),
                            donate_argnums=donate_args)
-    return PPOSteps(cfg, hp, mesh, rules, rollout_fn, learn_fn, learn_ptx_fn)
+    return PPOSteps(roles, hp, mesh, rules, rollout_fn, learn_fn, learn_ptx_fn)
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from lm import runs
 from lm.config import ModelConfig
-from lm.model import Transformer, abstract_params
+from lm.model import Transformer, abstract_params, dropout_rngs
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -70,11 +70,12 @@ def ranking_loss(scores, ranks):
     return loss, metrics
 
 
-def score_responses(cfg: ModelConfig, params, tokens, last_index, prefix_len=None):
+def score_responses(cfg: ModelConfig, params, tokens, last_index, prefix_len=None, rng=None):
     """Scores `[B, K]` of K responses per prompt, all in one forward pass of the scalar-head model.
 
     tokens: int `[B, K, T]` (prompt + response, right-padded); last_index: int `[B, K]`, position of each
     response's last non-pad token; prefix_len: optional int `[B, K]` for prefix-LM models (GLM).
+    rng: dropout key of a training pass (LoRA dropout); None is deterministic.
     """
     if tokens.ndim != 3 or last_index.shape != tokens.shape[:2]:
         raise ValueError(f"rl.reward.score_responses: tokens {tuple(tokens.shape)} must be [B, K, T] and "
@@ -82,7 +83,7 @@ def score_responses(cfg: ModelConfig, params, tokens, last_index, prefix_len=Non
     b, k, t = tokens.shape
     flat_prefix = None if prefix_len is None else prefix_len.reshape(b * k)
     values = Transformer(cfg, head="scalar").apply({"params": params}, tokens.reshape(b * k, t),
-                                                   prefix_len=flat_prefix)  # [B*K, T]
+                                                   prefix_len=flat_prefix, rngs=dropout_rngs(cfg, rng))  # [B*K, T]
     idx = last_index.reshape(b * k, 1).astype(jnp.int32)
     return jnp.take_along_axis(values, idx, axis=1).reshape(b, k)
 
@@ -95,8 +96,7 @@ def reward_loss_fn(cfg: ModelConfig):
     prompts with at least one untied pair, so accumulated micro-batches average exactly as one batch.
     """
     def loss_fn(params, batch, rng):
-        del rng
-        scores = score_responses(cfg, params, batch["tokens"], batch["last_index"], batch.get("prompt_len"))
+        scores = score_responses(cfg, params, batch["tokens"], batch["last_index"], batch.get("prompt_len"), rng)
         loss, metrics = ranking_loss(scores, batch["ranks"])
         present = batch["ranks"] >= 0
         metrics["score_mean"] = (scores * present).sum() / jnp.maximum(present.sum(), 1)
@@ -160,9 +160,15 @@ def load(run_dir: str, *, cfg: Optional[ModelConfig] = None, mesh=None, rules=No
     responses score with mean 0, std 1.
     """
     cfg, params, _ = runs.load(run_dir, mesh=mesh, rules=rules, head="scalar", cfg=cfg)
+    return cfg, normalized(run_dir, params) if normalize else params
+
+
+def normalized(run_dir: str, params):
+    """`params` (a reward model's, or its trainable leaves with the `score` head) with the head rescaled by
+    the run's `reward_norm.json` (`normalize_head`); unchanged when the run has none."""
     norm = os.path.join(runs.home(run_dir), NORM_FILE)
-    if normalize and os.path.exists(norm):
-        with open(norm) as f:
-            stats = json.load(f)
-        params = normalize_head(params, stats["mean"], stats["std"])
-    return cfg, params
+    if not os.path.exists(norm):
+        return params
+    with open(norm) as f:
+        stats = json.load(f)
+    return normalize_head(params, stats["mean"], stats["std"])

@@ -9,6 +9,7 @@ stage function here that hands both to `lm.loop.run` as a `Program`; see docs/ar
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Iterable, Optional
 
 import flax.linen as nn
@@ -18,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lm import data, distributed, loop, optim, runs, sharding
+from lm import data, distributed, loop, optim, peft, runs, sharding
 from lm.data import builders
+from lm.config import ModelConfig
 from lm.model import abstract_params, boxed_params
 from rl import dpo as dpo_lib
 from rl import ppo_step as ps
@@ -63,6 +65,7 @@ def reward(config, workdir: str) -> str:
     hp = runs.recipe(reward_lib.RewardConfig, config.reward, "reward")
     model_cfg, sft_params, tok = runs.start(config, workdir, needs="(SFT) the reward model starts from")
     mesh, rules = loop.mesh_and_rules(config)
+    model_cfg, frozen = runs.adapt(config, model_cfg, sft_params, "scalar", mesh, rules)
 
     def init_params(abstract):
         sft = sft_params(abstract_params(model_cfg, "lm", mesh, rules))
@@ -72,10 +75,12 @@ def reward(config, workdir: str) -> str:
     d = config.data
     kw = dict(runs.data_kwargs(config), k=d.k, overlong=d.overlong, field_map=d.field_map)
     eval_data = data.preference_dataset(d.path, tok, split="eval", **kw) if config.train.eval_every else None
+    build = boxed_params if frozen is None else peft.boxed_trainable  # adapters: a fresh `normal` score head
     state = loop.fit(config, workdir, loss_fn=reward_lib.reward_loss_fn(model_cfg),
-                     build_params=lambda rng: boxed_params(model_cfg, rng, head="scalar"),
+                     build_params=lambda rng: build(model_cfg, rng, head="scalar"),
                      train_data=data.preference_dataset(d.path, tok, split="train", **kw), eval_data=eval_data,
-                     init_params=init_params, meta=runs.run_meta(config, model_cfg, "reward", head="scalar"))
+                     init_params=init_params if frozen is None else None, frozen=frozen,
+                     meta=runs.run_meta(config, model_cfg, "reward", head="scalar"))
     if hp.normalize:
         # One pass over the training split, as the trainer tokenises it (each response once).
         rows = len(builders.data_source("preference", d.path, "train", cache_dir=d.cache_dir or None,
@@ -85,7 +90,8 @@ def reward(config, workdir: str) -> str:
         if hp.normalize_batches:
             num_batches = min(num_batches, hp.normalize_batches)
         batches = data.preference_dataset(d.path, tok, split="train", **dict(kw, num_epochs=1))
-        mean, std, n = score_statistics(model_cfg, state.params, batches, num_batches, mesh, rules)
+        params = state.params if frozen is None else peft.merge(frozen.params, state.params)
+        mean, std, n = score_statistics(model_cfg, params, batches, num_batches, mesh, rules)
         if distributed.is_primary():
             path = reward_lib.save_normalization(workdir, mean, std, n)
             logging.info("reward scores of %d training responses: mean %.4f, std %.4f (saved to %s)", n, mean, std,
@@ -98,18 +104,24 @@ def dpo(config, workdir: str) -> str:
     hp = runs.recipe(dpo_lib.DPOConfig, config.dpo, "dpo")
     model_cfg, sft_params, tok = runs.start(config, workdir, needs="(SFT): policy start and reference")
     mesh, rules = loop.mesh_and_rules(config)
-    ref = sft_params(abstract_params(model_cfg, "lm", mesh, rules))
+    adapted, frozen = runs.adapt(config, model_cfg, sft_params, "lm", mesh, rules)
+    if frozen is None:
+        ref_cfg, ref = model_cfg, sft_params(abstract_params(model_cfg, "lm", mesh, rules))
+    else:  # the reference is the frozen base with the adapters off: no second copy
+        ref_cfg, ref = peft.base_config(adapted), frozen.params
     d = config.data
     kw = dict(runs.data_kwargs(config), k=d.k, overlong=d.overlong, field_map=d.field_map)
 
     def dataset(split):
         prefs = data.preference_dataset(d.path, tok, split=split, **kw)
-        return dpo_lib.with_reference_logps(prefs, model_cfg, ref, mesh, rules)
+        return dpo_lib.with_reference_logps(prefs, ref_cfg, ref, mesh, rules)
 
-    loop.fit(config, workdir, loss_fn=dpo_lib.dpo_loss_fn(model_cfg, hp.beta, hp.label_smoothing),
-             build_params=lambda rng: boxed_params(model_cfg, rng), train_data=dataset("train"),
-             eval_data=dataset("eval") if config.train.eval_every else None, init_params=sft_params,
-             meta=runs.run_meta(config, model_cfg, "dpo", head="lm"))
+    build = boxed_params if frozen is None else peft.boxed_trainable
+    loop.fit(config, workdir, loss_fn=dpo_lib.dpo_loss_fn(adapted, hp.beta, hp.label_smoothing),
+             build_params=lambda rng: build(adapted, rng), train_data=dataset("train"),
+             eval_data=dataset("eval") if config.train.eval_every else None,
+             init_params=sft_params if frozen is None else None, frozen=frozen,
+             meta=runs.run_meta(config, adapted, "dpo", head="lm"))
     return workdir
 
 
@@ -133,10 +145,16 @@ def ppo(config, workdir: str, on_iteration: Optional[Callable] = None) -> str:
     mesh, rules = loop.mesh_and_rules(config)
     tc = config.train
     tx, lr = optim.make_optimizer(config.optim, tc.steps * hp.epochs * hp.mini_batches)
-    abstract, shardings, frozen_sh = ps.state_shardings(model_cfg, tx, mesh, rules)
-    _, rm = reward_lib.load(config.reward_from, cfg=model_cfg, mesh=mesh, rules=rules,
-                            normalize=config.reward_normalize)
-    frozen = {"ref": sft_params(abstract_params(model_cfg, "lm", mesh, rules)), "reward": rm}
+    adapted, base = runs.adapt(config, model_cfg, sft_params, "lm", mesh, rules)
+    if base is None:
+        roles = ps.Roles(model_cfg)
+        _, rm = reward_lib.load(config.reward_from, cfg=model_cfg, mesh=mesh, rules=rules,
+                                normalize=config.reward_normalize)
+        frozen = {"ref": sft_params(abstract_params(model_cfg, "lm", mesh, rules)), "reward": rm}
+    else:  # one frozen base for all four models
+        roles, rm = _reward_on(config, adapted, model_cfg, mesh, rules)
+        frozen = {"base": base.params, "reward": rm}
+    abstract, shardings, frozen_sh = ps.state_shardings(roles, tx, mesh, rules)
 
     n = jax.process_count()
     prompts = data.read_prompts(config.data.path, tok, config.data.prompt_len, config.data.field_map)
@@ -152,11 +170,26 @@ def ppo(config, workdir: str, on_iteration: Optional[Callable] = None) -> str:
         batches = grain.experimental.ZipIterDataset([batches, ptx])
 
     def fresh():
-        critic = (frozen["reward"] if config.critic_init == "reward"
-                  else reward_lib.init_from_sft(model_cfg, frozen["ref"], jax.random.PRNGKey(config.seed), "zeros"))
-        return ps.init_state(frozen["ref"], critic, tx, hp.kl_coef, jax.random.PRNGKey(config.seed), shardings)
+        rng = jax.random.PRNGKey(config.seed)
+        if base is None:
+            critic = (frozen["reward"] if config.critic_init == "reward"
+                      else reward_lib.init_from_sft(model_cfg, frozen["ref"], rng, "zeros"))
+            return ps.init_state(frozen["ref"], critic, tx, hp.kl_coef, rng, shardings)
+        actor = peft.init_trainable(adapted, rng, "lm", shardings.params["actor"])
+        if config.critic_init == "reward":
+            critic = frozen["reward"]
+            if not roles.reward_on_base or (jax.tree.structure(critic), [x.shape for x in jax.tree.leaves(critic)]) != (
+                    jax.tree.structure(abstract.params["critic"]),
+                    [x.shape for x in jax.tree.leaves(abstract.params["critic"])]):
+                raise ValueError("critic_init='reward' with adapters needs a reward model of the same adapters on the "
+                                 f"same base (a reward run with the same config.peft from {config.init_from}); "
+                                 "set critic_init=zeros to train the critic's adapters from a zero head")
+        else:
+            critic = peft.init_trainable(adapted, jax.random.fold_in(rng, 1), "scalar", shardings.params["critic"])
+            critic = dict(critic, score=jax.tree.map(jnp.zeros_like, critic["score"]))
+        return ps.init_state(actor, critic, tx, hp.kl_coef, rng, shardings)
 
-    steps = ps.make_steps(model_cfg, hp, tx, shardings, frozen_sh, mesh, eos_id=data.chat.stop_id(tok),
+    steps = ps.make_steps(roles, hp, tx, shardings, frozen_sh, mesh, eos_id=data.chat.stop_id(tok),
                           pad_id=tok.pad_id, rules=rules, lr_schedule=lr)
 
     def step(state, batch):
@@ -176,5 +209,25 @@ def ppo(config, workdir: str, on_iteration: Optional[Callable] = None) -> str:
         max_bad_steps=hp.max_bad_iterations, bad_steps_flag="ppo.max_bad_iterations",
         hint="Lower the learning rate, clip scores (ppo.score_clip) or check the reward model.",
         progress=("score", "kl"),
-        meta=runs.run_meta(config, model_cfg, "ppo", params={"actor": "lm", "critic": "scalar"}, policy="actor")))
+        meta=runs.run_meta(config, adapted, "ppo", params={"actor": "lm", "critic": "scalar"}, policy="actor")))
     return workdir
+
+
+def _reward_on(config, adapted, model_cfg, mesh, rules):
+    """`(ps.Roles, reward params)` of an adapted PPO run: the reward model as adapters on the policy's frozen
+    base when `reward_from` is a run of adapters on the same `init_from` with the same base format; else the
+    whole reward model (merged), a second copy of the weights."""
+    meta = runs.load_meta(config.reward_from) if not runs.is_hf_dir(config.reward_from) else {}
+    saved = ModelConfig.from_dict(meta["model"]) if "model" in meta else None
+    same_base = (saved is not None and peft.enabled(saved) and meta.get("base") == os.path.abspath(config.init_from)
+                 and (saved.quant, saved.quant_block) == (adapted.quant, adapted.quant_block))
+    if not same_base:
+        logging.info("ppo: the reward model %s is not adapters on %s: it is loaded whole", config.reward_from,
+                     config.init_from)
+        _, rm = reward_lib.load(config.reward_from, cfg=model_cfg, mesh=mesh, rules=rules,
+                                normalize=config.reward_normalize)
+        return ps.Roles(adapted), rm
+    rm = runs.read_trainable(config.reward_from, saved, meta, "scalar", mesh, rules)
+    if config.reward_normalize:
+        rm = reward_lib.normalized(config.reward_from, rm)
+    return ps.Roles(adapted, reward_cfg=saved, reward_on_base=True), rm

@@ -75,8 +75,9 @@ def _ppo(cfg, mesh, prompts, lengths):
     steps = pt.make_steps(cfg, HP, TX, sh, fsh, mesh, eos_id=2, pad_id=0, donate=False)
     leaf = state.params["actor"]["layers"]["mlp"]["wi"]["kernel"]
     assert len(leaf.sharding.device_set) == mesh.size and (mesh.size == 1 or not leaf.sharding.is_fully_replicated)
-    out = steps.rollout(state.params["actor"], prompts, lengths, jax.random.key(7))
-    new, metrics = steps.learn(state, {"ref": sft, "reward": rm}, prompts, lengths, jax.device_get(out))
+    frozen = {"ref": sft, "reward": rm}
+    out = steps.rollout(state.params, frozen, prompts, lengths, jax.random.key(7))
+    new, metrics = steps.learn(state, frozen, prompts, lengths, jax.device_get(out))
     return jax.device_get(out), {k: float(metrics[k]) for k in ("loss", "kl", "score")}, jax.device_get(new.params)
 
 
