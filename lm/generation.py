@@ -109,9 +109,9 @@ def sample(cfg: ModelConfig, params, prompt_tokens, prompt_lengths, rng, *, max_
     if prompt_lengths.shape != (b,):
         raise ValueError(f"sample: prompt_lengths has shape {prompt_lengths.shape}, expected ({b},) to match "
                          f"prompt_tokens {prompt_tokens.shape}")
-    if p + max_new_tokens > cfg.max_len:
-        raise ValueError(f"sample: prompt width {p} + max_new_tokens {max_new_tokens} exceeds cfg.max_len="
-                         f"{cfg.max_len}")
+    if p + max_new_tokens + cfg.virtual_tokens > cfg.max_len:
+        raise ValueError(f"sample: prompt width {p} + max_new_tokens {max_new_tokens} (+ {cfg.virtual_tokens} prompt/"
+                         f"prefix tuning tokens) exceeds cfg.max_len={cfg.max_len}")
     if not 0 <= pad_id < cfg.vocab_size:
         raise ValueError(f"sample: pad_id={pad_id} is not a token id (vocab_size={cfg.vocab_size})")
     if temperature < 0:
@@ -168,7 +168,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new
         if bad:
             raise ValueError(f"generate: prompt {b} has token ids {bad[:5]} outside [0, {cfg.vocab_size})")
     longest = max(len(p) for p in prompts)
-    room = cfg.max_len - max_new_tokens
+    room = cfg.max_len - max_new_tokens - cfg.virtual_tokens
     if longest > room:
         raise ValueError(f"generate: longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
                          f"exceeds cfg.max_len={cfg.max_len}")
@@ -218,12 +218,14 @@ def stream(cfg: ModelConfig, params, prompt: Sequence[int], *, max_new_tokens: i
     """
     n = len(prompt)
     room = chunk * math.ceil(max_new_tokens / chunk)
-    if n == 0 or n + room > cfg.max_len:
-        raise ValueError(f"stream: prompt of {n} tokens + {room} decoded tokens must fit cfg.max_len={cfg.max_len}")
-    width = min(bucket_length(n), cfg.max_len)
+    limit = cfg.max_len - cfg.virtual_tokens  # prompt/prefix tuning tokens sit in front
+    if n == 0 or n + room > limit:
+        raise ValueError(f"stream: prompt of {n} tokens + {room} decoded tokens must fit cfg.max_len={cfg.max_len}"
+                         f" (less {cfg.virtual_tokens} prompt/prefix tuning tokens)")
+    width = min(bucket_length(n), limit)
     tokens, _ = pad_prompts([prompt], width)
     prefix_len = jnp.asarray([n], jnp.int32) if cfg.mask == "prefix" else None
-    cache = _prefill(cfg, params, jnp.asarray(tokens), prefix_len, cache_len=cfg.max_len)
+    cache = _prefill(cfg, params, jnp.asarray(tokens), prefix_len, cache_len=limit)
     token, index = jnp.asarray([prompt[-1]], jnp.int32), jnp.asarray([n - 1], jnp.int32)
     left = max_new_tokens
     for c in range(room // chunk):

@@ -41,7 +41,8 @@ class PeftConfig:
       dropout: dropout on the adapters' inputs in training (QLoRA 0.05-0.1; PEFT 0.0).
       rslora: scale by alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023).
       targets: comma-separated projections with adapters: q,k,v,o,wi,wg,wo,lm_head (QLoRA: every linear
-        layer of the blocks; PEFT's Llama default: q,v).
+        layer of the blocks; PEFT's Llama default: q,v). One the model lacks is skipped: wg without a gated
+        MLP, lm_head with tied embeddings.
       virtual_tokens: soft-prompt or prefix length (Lester et al. 20-100; P-tuning v2 16-128).
       quant: format of the frozen base with method="qlora": "nf4" (QLoRA) or "int8".
       quant_block: quantisation block size (QLoRA 64).

@@ -1,5 +1,7 @@
 """PPO through the one loop, as a user runs it: `python -m experiments.ppo` killed (-9) at a random iteration and
-rerun logs exactly the metrics of an uninterrupted run, iteration by iteration, and ends with the same actor."""
+rerun logs exactly the metrics of an uninterrupted run, iteration by iteration, and ends with the same actor;
+trained whole, and as actor and critic adapters on one int8 base (QLoRA), whose checkpoints hold the adapters
+only and whose base is read (and quantised) again on every start."""
 import json
 import os
 import random
@@ -38,7 +40,12 @@ def _run_dir(path, params, meta, tok):
     return str(path)
 
 
-def test_ppo_killed_and_rerun_logs_every_metric_of_an_uninterrupted_run(tmp_path):
+ADAPTERS = ["--config.peft.method=qlora", "--config.peft.quant=int8", "--config.peft.rank=4",
+            "--config.critic_init=zeros"]
+
+
+@pytest.mark.parametrize("peft", [[], ADAPTERS], ids=["full", "qlora"])
+def test_ppo_killed_and_rerun_logs_every_metric_of_an_uninterrupted_run(tmp_path, peft):
     tok = Tokenizer.train(os.path.join(ROOT, "data/text/en.txt"), 320, str(tmp_path / "tok"), character_coverage=0.99)
     cfg = presets.get("llama-tiny", vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2,
                       d_ff=64, max_len=64)
@@ -54,7 +61,7 @@ def test_ppo_killed_and_rerun_logs_every_metric_of_an_uninterrupted_run(tmp_path
     args = ["--config=configs/ppo.py:tiny", f"--config.init_from={sft_dir}", f"--config.reward_from={rm_dir}",
             f"--config.data.path={prompts}", f"--config.train.steps={STEPS}", "--config.train.batch_size=8",
             "--config.ppo.response_length=6", "--config.ppo.epochs=2", "--config.data.prompt_len=48",
-            "--config.checkpoint.every_steps=3", "--config.train.log_every=1"]
+            "--config.checkpoint.every_steps=3", "--config.train.log_every=1", *peft]
     env = cache_env(tmp_path)
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     finish(launch("experiments.ppo", straight, *args, env=env))
@@ -71,7 +78,11 @@ def test_ppo_killed_and_rerun_logs_every_metric_of_an_uninterrupted_run(tmp_path
     cfg_a, actor_a, tok_a = lm.load(straight)
     _, actor_b, _ = lm.load(killed)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(actor_a), jax.device_get(actor_b))
-    assert cfg_a == cfg and tok_a.vocab_size == tok.vocab_size
+    assert cfg_a == cfg and tok_a.vocab_size == tok.vocab_size  # adapters come back merged into the base
+    if peft:
+        assert np.abs(jax.device_get(actor_a)["layers"]["attn"]["q"]["kernel"] - sft["layers"]["attn"]["q"]["kernel"]
+                      ).max() > 0  # int8 rounding and the trained adapters
+        return
     meta = json.loads(json.dumps(lm.runs.load_meta(straight)))
     assert meta["policy"] == "actor" and meta["params"] == {"actor": "lm", "critic": "scalar"}
     # A stage started from it (init_from) starts from the actor; one started from a reward model is refused.
