@@ -57,6 +57,14 @@ def _model(c, d_model: int, n_layers: int, n_heads: int, d_ff: int, max_len: int
     o.max_len, o.vocab_size = max_len, vocab_size
 
 
+def _lora(stage, lr: float):
+    """A copy of a stage's config training LoRA adapters (rank 16, alpha 32, every projection of the blocks)."""
+    c = stage.copy_and_resolve_references()
+    c.peft.method, c.peft.rank, c.peft.alpha = "lora", 16, 32.0
+    c.optim.lr = lr
+    return c
+
+
 def get_config(preset: str = "tiny"):
     """The pipeline config of `preset` (one of PRESETS)."""
     if preset != "tiny":
@@ -109,12 +117,20 @@ def get_config(preset: str = "tiny"):
     c.dpo.train.eval_every = 0
     c.dpo.data.eval_fraction = 0.0
 
+    # Parameter-efficient rows, off by default: LoRA-SFT from the pretrained model and LoRA-PPO from the SFT model
+    # (same data, steps and reward model as their full rows), in the report beside them.
+    c.peft_rows = False  # True adds the stages sft_lora and ppo_lora and their rows
+    c.sft_lora = _lora(c.sft, lr=3e-3)  # LoRA learning rates ~10x full fine-tuning's (Hu et al.; QLoRA)
+    c.ppo_lora = _lora(c.ppo, lr=1e-3)
+    c.ppo_lora.critic_init = "zeros"  # the reward model is a whole model, not adapters the critic could copy
+
     c.eval = evaluation(temperature=0.7, max_new_tokens=24)
     c.eval.temperature = c.ppo.ppo.get_ref("temperature")
-    for stage in (c.sft, c.reward, c.ppo, c.dpo):  # the model is the pretraining run's (read from init_from)
+    stages = (c.sft, c.reward, c.ppo, c.dpo, c.sft_lora, c.ppo_lora)
+    for stage in stages:  # the model is the pretraining run's (read from init_from)
         for field in stage.model.overrides:
             stage.model.overrides[field] = None
-    for stage in (c.pretrain, c.sft, c.reward, c.ppo, c.dpo):
+    for stage in (c.pretrain,) + stages:
         stage.seed = c.get_ref("seed")
         stage.checkpoint.every_steps = 0  # one checkpoint at the end: a rerun skips finished stages
     return c

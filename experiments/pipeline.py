@@ -11,8 +11,9 @@ mid-run resumes from its checkpoint):
              in for human labelers: preference data for training (`rl` prompts) and held-out (`rm_eval`).
   reward     reward model on the ranked samples (InstructGPT's K-wise loss).
   ppo, dpo   the SFT policy optimised against the reward model (PPO) and on the preferences (DPO).
-  eval       reward-model held-out pairwise accuracy; the labeler's (gold) score of SFT, PPO and DPO on
-             the held-out prompts; PPO-vs-SFT win rate; KL to the SFT reference; sample answers.
+  sft_lora, ppo_lora  with `--config.peft_rows=True`: LoRA-SFT (from pretrain) and LoRA-PPO (from sft).
+  eval       reward-model held-out pairwise accuracy; the labeler's (gold) score of SFT, PPO and DPO (and the
+             LoRA rows) on the held-out prompts; PPO-vs-SFT win rate; KL to the SFT reference; sample answers.
 Writes `DIR/report.json`, `DIR/ppo_curves.png` and prints the results table.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ml_collections import config_flags
 import experiments
 import lm
 from experiments import qa_task as qa
-from lm import runs
+from lm import peft, runs
 from lm import stages as lm_stages
 from lm.tokenizer import Tokenizer
 from rl import evaluate, reward
@@ -40,7 +41,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and prese
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of the whole pipeline.", required=True)
 
-STAGES = ("tokenizer", "pretrain", "sft", "samples", "reward", "ppo", "dpo", "eval")
+STAGES = ("tokenizer", "pretrain", "sft", "samples", "reward", "ppo", "dpo", "sft_lora", "ppo_lora", "eval")
+PEFT_STAGES = ("sft_lora", "ppo_lora")
 DONE = "done.json"
 
 
@@ -119,7 +121,8 @@ def _evaluate(config, workdir, dirs, files, task):
     tok = Tokenizer.load(os.path.join(dirs["reward"], runs.TOKENIZER))
     held = _read_jsonl(os.path.join(dirs["samples"], "prefs_heldout.jsonl"))
     report["reward_model"] = evaluate.reward_accuracy(rm_cfg, rm, tok, held, width=e.seq_len, batch_size=e.batch_size)
-    policies = {name: lm.load(dirs[name])[:2] for name in ("sft", "ppo", "dpo")}
+    names = ("sft", "ppo", "dpo") + (PEFT_STAGES if config.peft_rows else ())
+    policies = {name: lm.load(dirs[name])[:2] for name in names}
     report.update(evaluate.compare_policies(
         policies, "sft", tok, prompts, lambda p, r: dataclasses.asdict(task.grade(p, r)),
         temperature=e.temperature, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seq_len=e.seq_len,
@@ -127,7 +130,17 @@ def _evaluate(config, workdir, dirs, files, task):
     curves = _curves(dirs["ppo"])
     report["ppo"]["final_train_kl"] = curves["kl"][-1] if curves["kl"] else None
     _plot(curves, os.path.join(workdir, "ppo_curves.png"))
+    if config.peft_rows:
+        report["peft"] = {name: _adaptation(dirs[name]) for name in ("sft", "ppo") + PEFT_STAGES}
     return report
+
+
+def _adaptation(run_dir):
+    """Trainable share of the model's parameters and median seconds per step (iteration) of a finished run."""
+    cfg = lm.ModelConfig.from_dict(runs.load_meta(run_dir)["model"])
+    seconds = [r["seconds"] for r in _read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "seconds" in r]
+    fraction = peft.trainable_fraction(cfg) if peft.enabled(cfg) else 1.0
+    return {"trainable_fraction": fraction, "step_seconds": float(np.median(seconds[1:] or seconds))}
 
 
 def _curves(ppo_dir):
@@ -169,6 +182,11 @@ def format_table(report) -> str:
         lines.append(f"  {name.upper():4s} {g[name]['mean']:.3f} +- {g[name]['stderr']:.3f}   "
                      f"correct {g[name]['correct']:.2f}  complete {g[name]['complete']:.2f}")
     d = report["ppo_minus_sft"]
+    for name in PEFT_STAGES if "peft" in report else ():
+        full, p = name.split("_")[0], report["peft"]
+        lines.append(f"  {name.upper():8s} {g[name]['mean']:.3f} +- {g[name]['stderr']:.3f}   trains "
+                     f"{100 * p[name]['trainable_fraction']:.1f}% of the parameters, {p[name]['step_seconds']:.3f} s/step "
+                     f"({full.upper()}: {p[full]['step_seconds']:.3f})")
     lines += [f"PPO - SFT  {d['mean']:+.3f} ({d['standard_errors']:.1f} standard errors, unpaired)",
               f"PPO vs SFT win rate (ties count half)  {report['ppo_vs_sft_win_rate']:.3f}",
               f"KL to the SFT reference (nats/response)  PPO {report['ppo']['kl']:.3f}   DPO {report['dpo']['kl']:.3f}",
@@ -192,12 +210,13 @@ def stage_configs(config, workdir):
     for name, path, init in (("pretrain", files["pretrain"], ""), ("sft", files["sft"], dirs["pretrain"]),
                              ("reward", os.path.join(dirs["samples"], "prefs_train.jsonl"), dirs["sft"]),
                              ("ppo", files["rl"], dirs["sft"]),
-                             ("dpo", os.path.join(dirs["samples"], "prefs_train.jsonl"), dirs["sft"])):
+                             ("dpo", os.path.join(dirs["samples"], "prefs_train.jsonl"), dirs["sft"]),
+                             ("sft_lora", files["sft"], dirs["pretrain"]), ("ppo_lora", files["rl"], dirs["sft"])):
         c = config[name].copy_and_resolve_references()
         c.data.path, c.data.tokenizer, c.init_from = path, tok, init
         if "cache_dir" in c.data:
             c.data.cache_dir = cache
-        if name == "ppo":
+        if name.startswith("ppo"):
             c.reward_from = dirs["reward"]
         out[name] = c
     return files, dirs, tok, out
@@ -220,10 +239,13 @@ def run(config, workdir: str) -> dict:
         "reward": lambda: _reward(c["reward"], dirs["reward"]),
         "ppo": lambda: _ppo(c["ppo"], dirs["ppo"], task),
         "dpo": lambda: {"steps": _steps(rl_stages.dpo(c["dpo"], dirs["dpo"]))},
+        "sft_lora": lambda: {"steps": _steps(lm_stages.sft(c["sft_lora"], dirs["sft_lora"]))},
+        "ppo_lora": lambda: _ppo(c["ppo_lora"], dirs["ppo_lora"], task),
         "eval": lambda: _evaluate(config, workdir, dirs, files, task),
     }
     timings = {}
-    for name in STAGES:
+    stages = [s for s in STAGES if config.peft_rows or s not in PEFT_STAGES]
+    for name in stages:
         done = os.path.join(dirs[name], DONE)
         if os.path.exists(done):
             print(f"stage {name}: already done ({done})", flush=True)
@@ -237,7 +259,7 @@ def run(config, workdir: str) -> dict:
             json.dump({"seconds": timings[name], **info}, f, indent=1)
     with open(os.path.join(dirs["eval"], DONE)) as f:
         report = json.load(f)
-    report["stage_seconds"] = {s: json.load(open(os.path.join(dirs[s], DONE)))["seconds"] for s in STAGES}
+    report["stage_seconds"] = {s: json.load(open(os.path.join(dirs[s], DONE)))["seconds"] for s in stages}
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     return report
