@@ -108,8 +108,9 @@ class ModelConfig:
       prefix_tokens: learned per-layer keys/values every token attends to (prefix tuning / P-tuning v2, the
         fine-tuning method of ChatGLM-6B); 0: none. Prompt or prefix tokens sit at positions 0..n-1 and
         shift the real tokens by n, also in the KV cache (whose length grows by n).
-      quant: "none", or "int8" / "nf4": the layers' projection kernels are stored block-wise quantised
-        (lm.quant) and dequantised inside each matmul (QLoRA's frozen base).
+      quant: "none", or "int8" / "int4" / "nf4": the layers' projection kernels are stored block-wise
+        quantised (lm.quant) and dequantised inside each matmul (QLoRA's frozen base; `lm.quantize` for
+        weight-only quantised inference).
       quant_block: entries per quantisation block along a kernel's last input axis (QLoRA: 64).
     """
 
@@ -171,7 +172,7 @@ class ModelConfig:
     lora_rslora: bool = False
     prompt_tokens: int = 0
     prefix_tokens: int = 0
-    quant: Literal["none", "int8", "nf4"] = "none"
+    quant: Literal["none", "int8", "int4", "nf4"] = "none"
     quant_block: int = 64
 
     def __post_init__(self):
@@ -190,7 +191,7 @@ class ModelConfig:
             "remat": ("none", "full", "dots"),
             "dtype": ("float32", "bfloat16", "float16"),
             "param_dtype": ("float32", "bfloat16", "float16"),
-            "quant": ("none", "int8", "nf4"),
+            "quant": ("none", "int8", "int4", "nf4"),
         }
         for field, allowed in choices.items():
             check(getattr(self, field) in allowed,

@@ -44,7 +44,7 @@ class PeftConfig:
         layer of the blocks; PEFT's Llama default: q,v). One the model lacks is skipped: wg without a gated
         MLP, lm_head with tied embeddings.
       virtual_tokens: soft-prompt or prefix length (Lester et al. 20-100; P-tuning v2 16-128).
-      quant: format of the frozen base with method="qlora": "nf4" (QLoRA) or "int8".
+      quant: format of the frozen base with method="qlora": "nf4" (QLoRA), "int8" or "int4".
       quant_block: quantisation block size (QLoRA 64).
     """
     method: str = "none"
@@ -224,6 +224,18 @@ def quantize_base(cfg: ModelConfig, params) -> dict:
         return {**p, "kernel": codes, "kernel_scale": scale}
 
     return _map_projections(params, q)
+
+
+def quantize(cfg: ModelConfig, params, fmt: str = "int8", block: int = 64) -> tuple[ModelConfig, dict]:
+    """Weight-only quantised inference: `(cfg, params)` of a loaded model with its layers' projection kernels
+    stored `fmt` ("int8", "int4" or "nf4", absmax scale per `block` inputs; embeddings, norms and the output
+    head stay as they are). `lm.generate`, `lm.stream` and the chat REPL take the result as it is; each
+    matmul dequantises its kernel (lm.quant)."""
+    if cfg.quant != "none" or cfg.lora_rank:
+        raise ValueError("lm.quantize takes a plain model (lm.load merges adapters); this one is already "
+                         f"quantised ({cfg.quant}) or has LoRA adapters")
+    qcfg = cfg.replace(quant=fmt, quant_block=block)
+    return qcfg, jax.jit(functools.partial(quantize_base, qcfg))(params)
 
 
 def dequantize_base(cfg: ModelConfig, params, dtype=jnp.float32) -> dict:

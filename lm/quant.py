@@ -1,4 +1,4 @@
-"""Block-wise weight quantisation (int8 and NF4) of Dense kernels: pure functions of arrays.
+"""Block-wise weight quantisation (int8, int4 and NF4) of Dense kernels: pure functions of arrays.
 
 A kernel `[*in_dims, *features]` is cut into blocks of `block` consecutive entries along one input axis (the
 last contracting axis, so a block is `block` consecutive inputs of one output column, as bitsandbytes' blocks
@@ -6,6 +6,8 @@ of a row-major `[out, in]` weight); each block keeps its absolute maximum as a f
 - int8: `code = round(127 * w / absmax)`, stored int8.
 - nf4 (QLoRA, Dettmers et al. 2023): the index of the nearest of 16 normal-quantile levels of `w / absmax`,
   two 4-bit indices packed per uint8 along the blocked axis (even entry in the low nibble).
+- int4 (weight-only int4 inference, as ChatGLM-6B's): the same with the uniform levels `(i - 8) / 7`, i.e.
+  `round(7 * w / absmax)` in [-7, 7] stored with an offset of 8.
 Dequantisation (`dequantize`) runs inside the matmul of lm.model.Dense, so only the codes stay resident.
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-FORMATS = ("int8", "nf4")
+FORMATS = ("int8", "int4", "nf4")
 
 # QLoRA's NormalFloat4 levels (bitsandbytes' table): quantiles of N(0, 1) scaled to [-1, 1], with an exact 0.
 NF4_LEVELS = np.array([
@@ -21,6 +23,10 @@ NF4_LEVELS = np.array([
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 ], np.float32)
+
+
+# The 16 values a 4-bit index stands for (times the block's absmax), ascending.
+LEVELS4 = {"nf4": NF4_LEVELS, "int4": ((np.arange(16) - 8) / 7).astype(np.float32)}
 
 
 def _check(fmt: str):
@@ -42,7 +48,7 @@ def shapes(shape: tuple, fmt: str, block: int, axis: int, where: str = "") -> tu
     _check(fmt)
     b = block_size(shape[axis], block, where)
     codes = list(shape)
-    if fmt == "nf4":
+    if fmt in LEVELS4:
         codes[axis] //= 2
     scale = list(shape)
     scale[axis] //= b
@@ -66,7 +72,8 @@ def quantize(w, fmt: str, block: int, axis: int):
     scale = absmax.reshape(absmax.shape[:axis + 1] + absmax.shape[axis + 2:])
     if fmt == "int8":
         return jnp.clip(jnp.round(x * 127.0), -127, 127).astype(jnp.int8), scale
-    mid = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2  # nearest level = number of midpoints below
+    levels = LEVELS4[fmt]
+    mid = (levels[1:] + levels[:-1]) / 2  # nearest level = number of midpoints below
     idx = jnp.searchsorted(jnp.asarray(mid), x).astype(jnp.uint8)
     pairs = idx.reshape(idx.shape[:axis] + (idx.shape[axis] // 2, 2) + idx.shape[axis + 1:])
     lo, hi = jnp.take(pairs, 0, axis=axis + 1), jnp.take(pairs, 1, axis=axis + 1)
@@ -82,7 +89,7 @@ def dequantize(codes, scale, fmt: str, axis: int, dtype=jnp.float32):
     else:
         idx = jnp.stack([codes & 15, codes >> 4], axis=axis + 1)
         idx = idx.reshape(codes.shape[:axis] + (codes.shape[axis] * 2,) + codes.shape[axis + 1:])
-        x = jnp.take(jnp.asarray(NF4_LEVELS), idx.astype(jnp.int32))
+        x = jnp.take(jnp.asarray(LEVELS4[fmt]), idx.astype(jnp.int32))
     b = x.shape[axis] // scale.shape[axis]
     x = _blocks(x, b, axis) * jnp.expand_dims(scale.astype(jnp.float32), axis + 1)
     return x.reshape(codes.shape[:axis] + (x.shape[axis] * b,) + codes.shape[axis + 1:]).astype(dtype)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import lm
 from lm import init_params, peft, presets, quant
 from lm.config import LORA_TARGETS, QUANT_TARGETS
 from lm.generation import pad_prompts, sample
@@ -68,8 +69,8 @@ def rel_err(got, want):
 
 def np_quantize(w, fmt, block, axis):
     """`(codes, scale)` written out block by block: blocks of `block` (or the whole axis) consecutive entries
-    along `axis`, absmax scale each; int8 `round(127 w / absmax)`; nf4 the nearest level's index, packed in
-    pairs along `axis` with the even entry in the low nibble."""
+    along `axis`, absmax scale each; int8 `round(127 w / absmax)`; int4 `round(7 w / absmax) + 8`; nf4 the
+    nearest level's index; 4-bit codes packed in pairs along `axis` with the even entry in the low nibble."""
     w = np.moveaxis(np.asarray(w, np.float32), axis, -1)
     k = w.shape[-1]
     b = min(block, k)
@@ -85,6 +86,8 @@ def np_quantize(w, fmt, block, axis):
             for i, u in enumerate(unit):
                 if fmt == "int8":
                     codes[r, j * b + i] = np.round(np.float32(127) * u)
+                elif fmt == "int4":
+                    codes[r, j * b + i] = np.round(np.float32(7) * u) + 8
                 else:
                     codes[r, j * b + i] = np.argmin(np.abs(quant.NF4_LEVELS - u))
     if fmt == "int8":
@@ -98,12 +101,13 @@ def np_quantize(w, fmt, block, axis):
 def np_dequantize(codes, scale, fmt, axis):
     """The float kernel of `np_quantize`'s output, entry by entry."""
     codes, scale = np.moveaxis(codes, axis, -1), np.moveaxis(scale, axis, -1)
-    if fmt == "nf4":
+    if fmt in ("nf4", "int4"):
         codes = np.stack([codes & 15, codes >> 4], axis=-1).reshape(codes.shape[:-1] + (-1,))
     b = codes.shape[-1] // scale.shape[-1]
     out = np.zeros(codes.shape, np.float32)
     for idx in np.ndindex(codes.shape):
-        level = np.float32(codes[idx]) / np.float32(127) if fmt == "int8" else quant.NF4_LEVELS[codes[idx]]
+        level = {"int8": lambda c: np.float32(c) / np.float32(127), "int4": lambda c: np.float32(int(c) - 8) / np.float32(7),
+                 "nf4": lambda c: quant.NF4_LEVELS[c]}[fmt](codes[idx])
         out[idx] = level * scale[idx[:-1] + (idx[-1] // b,)]
     return np.moveaxis(out, -1, axis)
 
@@ -156,7 +160,7 @@ def test_quantize_matches_numpy_loops(fmt, shape, block, axis):
     # Half a step per block: int8's step is absmax / 127; NF4's widest gap is between 0.72 and 1. The 1e-6
     # relative slack is float32 rounding of `w / absmax` and `level * absmax`, not quantisation error.
     absmax = np.repeat(np.asarray(scale), b, axis=axis % len(shape))
-    half = 1 / 254 if fmt == "int8" else np.diff(quant.NF4_LEVELS).max() / 2
+    half = {"int8": 1 / 254, "int4": 1 / 14, "nf4": np.diff(quant.NF4_LEVELS).max() / 2}[fmt]
     err = np.abs(got - w)
     assert (err <= absmax * (half + 1e-6)).all(), float((err / np.maximum(absmax, 1e-30)).max())
     assert err.max() > absmax.max() * half / 10  # really rounded
@@ -253,8 +257,9 @@ def test_merge_lora_matches_adapters(name, fmt):
 # QLoRA's frozen base at the start of training (adapters zero) vs the float base, llama-tiny with std-0.1 weights:
 # measured relative logit errors (||q - f|| / ||f||) are 0.017 for int8 and 0.25 for nf4, 15x apart, as the
 # kernels' own relative RMS errors are (0.0059 and 0.092 for N(0, 1) weights in blocks of 64: a step of
-# absmax / 127 against NF4 gaps of 0.08-0.28 absmax), not 100x. Bounds: 1.5x the measurements; the ratio >= 8x.
-QUANT_LOGIT_ERR = {"int8": 0.025, "nf4": 0.37}
+# absmax / 127 against NF4 gaps of 0.08-0.28 absmax), not 100x; int4 (uniform levels, step absmax / 7) 0.28.
+# Bounds: 1.5x the measurements; the ratio >= 8x.
+QUANT_LOGIT_ERR = {"int8": 0.025, "int4": 0.42, "nf4": 0.37}
 
 
 def test_quantised_base_logits_close_to_float():
@@ -440,3 +445,17 @@ def test_adapt_and_peft_config_checks():
     cfg = lora_config("llama-tiny", "qlora", "int8").replace(quant_block=6)
     with pytest.raises(ValueError, match="kernel"):
         jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+
+
+def test_weight_only_quantised_inference():
+    cfg = presets.get("llama-tiny")
+    params = random_params(cfg, seed=1)
+    want = np.asarray(logits(cfg, params, TOKENS, PREFIX_LEN))
+    for fmt in quant.FORMATS:
+        qcfg, qparams = lm.quantize(cfg, params, fmt, 16)
+        assert qcfg.quant == fmt and qparams["layers"]["mlp"]["wi"]["kernel"].dtype == quant.shapes(
+            (64, 128), fmt, 16, 0)[1]
+        assert 0 < rel_err(logits(qcfg, qparams, TOKENS, PREFIX_LEN), want) < QUANT_LOGIT_ERR[fmt]
+        assert len(lm.generate(qcfg, qparams, [[3, 4, 5]], 3)[0]) == 3  # the KV-cache path takes it as it is
+    with pytest.raises(ValueError, match="already"):
+        lm.quantize(qcfg, qparams, "int8")
