@@ -2,12 +2,13 @@
 
 Public API (`lm.X`): `ModelConfig` and `presets` (architectures); `Transformer`, `init_params`,
 `boxed_params`, `abstract_params`, `init_cache`, `count_params`, `default_positions` (the model);
-`generate` and `stream` (KV-cache sampling); `load` (any run directory or Hugging Face directory ->
-`(config, params, tokenizer)`); `quantize` (weight-only int8/int4/NF4); `peft` (LoRA, QLoRA, prompt and prefix
-tuning), `quant`, `hf_adapter` (PEFT adapter directories); `stages` (`pretrain`, `sft` as `(config, workdir)` functions); `loop` (the
-one training loop); `hf` (checkpoints in and out); `tokenizer` (`tokenizer.load(path)`: any checkpoint's
-tokenizer, backends in `tokenizers`); `data`; `kernels`. Submodules load on first use, so `import lm`
-costs little more than `import jax`.
+`generate` and `stream` (KV-cache sampling); `embed` (texts as pooled hidden states; `embedding.zero_shot`);
+`load` (any run directory or Hugging Face directory -> `(config, params, tokenizer)`); `quantize` (weight-only
+int8/int4/NF4); `peft` (LoRA, QLoRA, prompt and prefix tuning), `quant`, `hf_adapter` (PEFT adapter
+directories); `stages` (`pretrain`, `sft` as `(config, workdir)` functions); `loop` (the one training loop);
+`hf` (checkpoints in and out); `tokenizer` (`tokenizer.load(path)`: any checkpoint's tokenizer, backends in
+`tokenizers`); `data`; `kernels`. Submodules load on first use, so `import lm` costs little more than
+`import jax`.
 
 How the code is layered (see also docs/architecture.md):
   lm.config / lm.presets / lm.model / lm.kernels   the model: one Transformer, families as presets
@@ -27,11 +28,11 @@ _ATTRS = {
     "Transformer": "lm.model", "count_params": "lm.model", "default_positions": "lm.model",
     "init_cache": "lm.model", "init_params": "lm.model", "boxed_params": "lm.model",
     "abstract_params": "lm.model", "generate": "lm.generation", "stream": "lm.generation", "load": "lm.runs",
-    "quantize": "lm.peft",
+    "quantize": "lm.peft", "embed": "lm.embedding",
 }
-_MODULES = ("checkpoint", "data", "distributed", "generation", "hf", "hf_adapter", "kernels", "logging_utils", "loop",
-            "losses", "model", "optim", "peft", "presets", "quant", "runs", "sampling", "sharding", "stages",
-            "tokenizer", "tokenizers", "train_step")
+_MODULES = ("checkpoint", "data", "distributed", "embedding", "generation", "hf", "hf_adapter", "kernels",
+            "logging_utils", "loop", "losses", "model", "optim", "peft", "presets", "quant", "runs", "sampling",
+            "sharding", "stages", "tokenizer", "tokenizers", "train_step")
 
 __all__ = ["ModelConfig", *sorted(_ATTRS), *_MODULES]
 __getattr__, __dir__ = _lazy.attributes(__name__, _ATTRS, _MODULES)
