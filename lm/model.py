@@ -40,18 +40,20 @@ class Dense(nn.Module):
 
     The module's name decides its adaptation (lm.config.LORA_TARGETS): with `cfg.quant` a layer projection's
     kernel is stored quantised (`kernel` codes + `kernel_scale`, lm.quant) and dequantised here; a LoRA
-    target adds `lora_a [*in_dims, r]` and `lora_b [r, *features]`.
+    target adds `lora_a [*in_dims, r]` and `lora_b [r, *features]`. `param_dtype` overrides the config's
+    (a scalar head trained beside adapters is float32, as they are).
     """
     cfg: ModelConfig
     features: tuple
     names: tuple
     use_bias: bool
     n_in: int = 1
+    param_dtype: Any = None
 
     def _kernel(self, shape):
         cfg = self.cfg
         if cfg.quant == "none" or self.name not in QUANT_TARGETS:
-            return self.param("kernel", _init(cfg, self.names), shape, cfg.params_dtype)
+            return self.param("kernel", _init(cfg, self.names), shape, self.param_dtype or cfg.params_dtype)
         axis = self.n_in - 1  # blocks run along the last contracting axis
         codes_shape, codes_dtype, scale_shape = quant.shapes(shape, cfg.quant, cfg.quant_block, axis,
                                                              f"{self.name} kernel {shape}")
@@ -81,7 +83,8 @@ class Dense(nn.Module):
             y = y + jnp.dot(h, b.astype(dt).reshape(r, -1)) * jnp.asarray(cfg.lora_scale, dt)
         y = y.reshape(lead + self.features)
         if self.use_bias:
-            bias = self.param("bias", _zeros(self.names[self.n_in:]), self.features, cfg.params_dtype)
+            bias = self.param("bias", _zeros(self.names[self.n_in:]), self.features,
+                              self.param_dtype or cfg.params_dtype)
             y = y + bias.astype(dt)
         return y
 
@@ -91,11 +94,11 @@ class Dense(nn.Module):
 _LORA_A_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
-def _dense(cfg, features, names, bias, name, axis=-1):
+def _dense(cfg, features, names, bias, name, axis=-1, param_dtype=None):
     """A `Dense` whose kernel (and bias) carry logical axis names."""
     n_in = 1 if isinstance(axis, int) else len(axis)
     features = tuple(features) if isinstance(features, (tuple, list)) else (features,)
-    return Dense(cfg, features, tuple(names), bias, n_in, name=name)
+    return Dense(cfg, features, tuple(names), bias, n_in, param_dtype, name=name)
 
 
 class OffsetNorm(nn.Module):
@@ -379,7 +382,9 @@ class Transformer(nn.Module):
             x = x[:, n_virtual:]
 
         if self.head == "scalar":
-            out = _dense(cfg, 1, ("embed", None), True, "score")(x.astype(cfg.compute_dtype))[..., 0]
+            head_dtype = ADAPTER_DTYPE if cfg.lora_rank or cfg.virtual_tokens else None  # trained with adapters
+            out = _dense(cfg, 1, ("embed", None), True, "score", param_dtype=head_dtype)(
+                x.astype(cfg.compute_dtype))[..., 0]
             out = out.astype(jnp.float32)
         elif cfg.tie_embeddings:
             out = embed.attend(x.astype(cfg.compute_dtype)).astype(jnp.float32)

@@ -38,7 +38,9 @@ class PeftConfig:
         prompt, Lester et al. 2021) or "prefix" (per-layer key/value prefixes, P-tuning v2).
       rank: LoRA rank r (QLoRA paper 64; PEFT default 8).
       alpha: LoRA scale numerator: the update is scaled by alpha / r (QLoRA 16; PEFT 8).
-      dropout: dropout on the adapters' inputs in training (QLoRA 0.05-0.1; PEFT 0.0).
+      dropout: dropout on the adapters' inputs in training (PEFT 0.0; QLoRA 0.05-0.1): each target draws a
+        mask over its whole input, which costs memory at long sequences (LLaMA-7B SFT at 16 x 2048: 11.4
+        against 9.4 GiB of temporaries per device); PPO's update runs without it.
       rslora: scale by alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023).
       targets: comma-separated projections with adapters: q,k,v,o,wi,wg,wo,lm_head (QLoRA: every linear
         layer of the blocks; PEFT's Llama default: q,v). One the model lacks is skipped: wg without a gated
@@ -50,7 +52,7 @@ class PeftConfig:
     method: str = "none"
     rank: int = 16
     alpha: float = 32.0
-    dropout: float = 0.05
+    dropout: float = 0.0
     rslora: bool = False
     targets: str = "q,k,v,o,wi,wg,wo"
     virtual_tokens: int = 20

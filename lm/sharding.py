@@ -30,7 +30,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("length", None),
     ("head_dim", None),
     ("layers", None),
-    ("lora", None),
+    ("lora", "fsdp"),  # a LoRA rank dim: sharded where its kernel dim on fsdp would not be
 )
 
 log = logging.getLogger(__name__)
