@@ -106,7 +106,8 @@ def np_dequantize(codes, scale, fmt, axis):
     b = codes.shape[-1] // scale.shape[-1]
     out = np.zeros(codes.shape, np.float32)
     for idx in np.ndindex(codes.shape):
-        level = {"int8": lambda c: np.float32(c) / np.float32(127), "int4": lambda c: np.float32(int(c) - 8) / np.float32(7),
+        level = {"int8": lambda c: np.float32(c) / np.float32(127),
+                 "int4": lambda c: np.float32(int(c) - 8) / np.float32(7),
                  "nf4": lambda c: quant.NF4_LEVELS[c]}[fmt](codes[idx])
         out[idx] = level * scale[idx[:-1] + (idx[-1] // b,)]
     return np.moveaxis(out, -1, axis)
@@ -425,7 +426,7 @@ def test_grads_reach_every_adapter_and_only_them():
     (dict(prefix_tokens=-2), "prefix_tokens"),
     (dict(lora_rank=4, lora_targets=" , "), "lora_targets"),
     (dict(lora_dropout=1.0), "lora_dropout"),
-    (dict(quant="int4"), "quant"),
+    (dict(quant="int3"), "quant"),
     (dict(quant_block=1), "quant_block"),
 ])
 def test_model_config_rejects_bad_peft_fields(changes, field):
@@ -456,6 +457,6 @@ def test_weight_only_quantised_inference():
         assert qcfg.quant == fmt and qparams["layers"]["mlp"]["wi"]["kernel"].dtype == quant.shapes(
             (64, 128), fmt, 16, 0)[1]
         assert 0 < rel_err(logits(qcfg, qparams, TOKENS, PREFIX_LEN), want) < QUANT_LOGIT_ERR[fmt]
-        assert len(lm.generate(qcfg, qparams, [[3, 4, 5]], 3)[0]) == 3  # the KV-cache path takes it as it is
+    assert len(lm.generate(qcfg, qparams, [[3, 4, 5]], 3)[0]) == 3  # the KV-cache path takes it as it is
     with pytest.raises(ValueError, match="already"):
         lm.quantize(qcfg, qparams, "int8")
