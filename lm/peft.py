@@ -66,18 +66,6 @@ class PeftConfig:
             raise ValueError(f"peft.quant={self.quant!r} is not one of {quant.FORMATS}")
 
 
-def from_config(config) -> PeftConfig:
-    """The PeftConfig of a stage's config (`config.peft`; "none" when the section is absent)."""
-    section = config.get("peft")
-    if section is None:
-        return PeftConfig()
-    values = section.to_dict()
-    unknown = set(values) - {f.name for f in dataclasses.fields(PeftConfig)}
-    if unknown:
-        raise ValueError(f"config section 'peft' has unknown field(s) {sorted(unknown)}")
-    return PeftConfig(**values)
-
-
 def adapt(cfg: ModelConfig, pc: PeftConfig) -> ModelConfig:
     """`cfg` with the adapters (and base format) of `pc` switched on."""
     if pc.method == "none":
@@ -293,9 +281,11 @@ def count(tree) -> int:
 
 
 def trainable_fraction(cfg: ModelConfig, head: str = "lm") -> float:
-    """Trainable leaves / all leaves of `Transformer(cfg, head)` (from shapes; nothing is allocated)."""
+    """Trainable parameters / all parameters of `Transformer(cfg, head)`, the base counted as float weights
+    (not as its quantised codes); from shapes, nothing is allocated."""
     from lm.model import abstract_params
 
-    base, trainable = split(abstract_params(cfg, head), head)
+    trainable = split(abstract_params(cfg, head), head)[1]
+    base = split(abstract_params(plain_config(cfg), head), head)[0]
     return count(trainable) / max(count(base) + count(trainable), 1)
 

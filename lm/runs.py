@@ -127,7 +127,7 @@ def adapt(config, model_cfg: ModelConfig, init_params, head: str, mesh, rules) -
     """`(cfg, frozen)`: the stage's model with `config.peft`'s adapters, and for a parameter-efficient run its
     frozen base (lm.peft.Frozen, from `init_params`, the `init_from` loader); `frozen` is None for full
     fine-tuning."""
-    pc = peft.from_config(config)
+    pc = recipe(peft.PeftConfig, config.peft, "peft")
     cfg = peft.adapt(model_cfg, pc)
     if not peft.enabled(cfg):
         return cfg, None
