@@ -6,35 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import init_params, presets
+from lm import presets
 from lm.generation import bucket_length, generate, pad_prompts, sample
 from lm.model import Transformer, init_cache
 from lm.sampling import apply_temperature, filter_logits, top_k_filter, top_p_filter
+from random_weights import random_params
 
 FAMILIES = ["llama-tiny", "bloom-tiny", "glm-tiny", "baichuan-tiny", "gpt2-tiny", "llama3-tiny", "qwen2-tiny",
             "qwen3-tiny", "mistral-tiny", "gemma2-tiny", "gemma3-tiny", "phi3-tiny", "neox-tiny", "opt-tiny",
             "chatglm2-tiny"]
-# Larger than the usual init so attention is far from uniform: wrong positions or cache entries show up.
-INIT_STD = 0.1
 PROMPTS = [[5, 17, 42, 9, 301, 77, 12], [3, 250], [8, 8, 100, 64], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
 N_NEW = 6  # one length everywhere, so tests share compiled samplers
-
-
-def random_params(cfg, seed=0, std=INIT_STD):
-    """Random parameters of `Transformer(cfg)` drawn in NumPy from the `init_params` shapes.
-
-    Skips compiling the initialiser (slow on CPU); norm scales are around 1 and biases non-zero, so bias and
-    norm paths are exercised too.
-    """
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
-
-    def draw(path, s):
-        noise = rng.normal(size=s.shape).astype(np.float32) * std
-        is_scale = "norm" in jax.tree_util.keystr(path) and path[-1].key == "scale"
-        return jnp.asarray(1.0 + noise if is_scale else noise, s.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 @functools.lru_cache(maxsize=None)

@@ -6,23 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import default_positions, init_params, presets
+from lm import default_positions, presets
 from lm.kernels import alibi_slopes
 from lm.kernels.reference import attention_mask, rope
 from lm.model import MLP, Attention, Block, Transformer
-
-
-def random_params(cfg, seed=0, std=0.1):
-    """Random parameters in NumPy from the `init_params` shapes (no initialiser to compile); norms near 1."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
-
-    def draw(path, s):
-        noise = rng.normal(size=s.shape).astype(np.float32) * std
-        is_scale = "norm" in jax.tree_util.keystr(path) and path[-1].key == "scale"
-        return jnp.asarray(1.0 + noise if is_scale else noise, s.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
+from random_weights import random_params
 
 
 # ---------------------------------------------------------------- RoPE

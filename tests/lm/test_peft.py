@@ -14,26 +14,13 @@ from lm import init_params, peft, presets, quant
 from lm.config import LORA_TARGETS, QUANT_TARGETS
 from lm.generation import pad_prompts, sample
 from lm.model import Dense, Transformer, count_params, init_cache
+from random_weights import random_params
 
 ALL_TARGETS = ",".join(LORA_TARGETS)
 RANK = 4
 VIRTUAL = 3  # prompt/prefix tokens
 TOKENS = np.random.default_rng(0).integers(1, 512, size=(2, 12)).astype(np.int32)
 PREFIX_LEN = np.array([5, 9], np.int32)  # GLM's bidirectional prefix; causal models ignore it
-
-
-def random_params(cfg, seed=0, std=0.1):
-    """Random float parameters in NumPy from the `init_params` shapes (no initialiser to compile); norms near 1,
-    and every adapter (lora_b included) non-zero."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
-
-    def draw(path, s):
-        noise = rng.normal(size=s.shape).astype(np.float32) * std
-        is_scale = "norm" in jax.tree_util.keystr(path) and path[-1].key == "scale"
-        return jnp.asarray(1.0 + noise if is_scale else noise, s.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def lora_config(name, method="lora", fmt="nf4"):
