@@ -49,7 +49,7 @@ from configs import ppo as ppo_config  # noqa: E402
 from configs import sft as sft_config  # noqa: E402
 from lm import losses, optim, peft, runs, train_step  # noqa: E402
 from lm.loop import mesh_and_rules  # noqa: E402
-from lm.model import Transformer, boxed_params  # noqa: E402
+from lm.model import Transformer  # noqa: E402
 from rl import ppo_step as pt  # noqa: E402
 
 S = jax.ShapeDtypeStruct
@@ -89,8 +89,7 @@ def _row(step: str, method: str, compiled, budget: float, what: str) -> str:
 def sft(model: str, method: str, rows: int, budget: float) -> str:
     """The row of one SFT step (loss, gradient, AdamW) on `rows` x seq_len tokens."""
     config, cfg, mesh, rules, tx = _setup(sft_config, model, method)
-    build = peft.boxed_trainable if peft.enabled(cfg) else boxed_params
-    abstract, shardings = train_step.state_shardings(functools.partial(build, cfg), tx, mesh, rules)
+    abstract, shardings = train_step.state_shardings(functools.partial(peft.boxed_trainable, cfg), tx, mesh, rules)
     frozen = (peft.abstract_base(cfg, "lm", mesh, rules),) if peft.enabled(cfg) else ()
     step = train_step.make_train_step(losses.lm_loss_fn(Transformer(cfg)), tx, shardings, mesh, rules=rules,
                                       frozen_shardings=_shardings(frozen[0]) if frozen else None)

@@ -253,6 +253,11 @@ class ModelConfig:
         return self.lora_alpha / (math.sqrt(self.lora_rank) if self.lora_rslora else self.lora_rank)
 
     @property
+    def has_adapters(self) -> bool:
+        """True when the model has adapters (LoRA, soft prompt or prefix) beside its weights."""
+        return bool(self.lora_rank or self.virtual_tokens)
+
+    @property
     def virtual_tokens(self) -> int:
         """Positions taken by prompt- or prefix-tuning tokens in front of every sequence."""
         return self.prompt_tokens + self.prefix_tokens

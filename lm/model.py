@@ -382,7 +382,7 @@ class Transformer(nn.Module):
             x = x[:, n_virtual:]
 
         if self.head == "scalar":
-            head_dtype = ADAPTER_DTYPE if cfg.lora_rank or cfg.virtual_tokens else None  # trained with adapters
+            head_dtype = ADAPTER_DTYPE if cfg.has_adapters else None  # trained beside the adapters
             out = _dense(cfg, 1, ("embed", None), True, "score", param_dtype=head_dtype)(
                 x.astype(cfg.compute_dtype))[..., 0]
             out = out.astype(jnp.float32)

@@ -70,7 +70,7 @@ def adapt(cfg: ModelConfig, pc: PeftConfig) -> ModelConfig:
     """`cfg` with the adapters (and base format) of `pc` switched on."""
     if pc.method == "none":
         return cfg
-    if cfg.lora_rank or cfg.virtual_tokens or cfg.quant != "none":
+    if cfg.has_adapters or cfg.quant != "none":
         raise ValueError("this model already has adapters or a quantised base; start from a merged model "
                          "(lm.load merges a LoRA run)")
     if pc.method in ("lora", "qlora"):
@@ -84,7 +84,7 @@ def adapt(cfg: ModelConfig, pc: PeftConfig) -> ModelConfig:
 
 def enabled(cfg: ModelConfig) -> bool:
     """True when `cfg` has adapters (LoRA, soft prompt or prefix)."""
-    return bool(cfg.lora_rank or cfg.virtual_tokens)
+    return cfg.has_adapters
 
 
 def base_config(cfg: ModelConfig) -> ModelConfig:
@@ -128,11 +128,13 @@ def merge(base, trainable) -> dict:
 
 
 def boxed_trainable(cfg: ModelConfig, rng, head: str = "lm") -> dict:
-    """Randomly initialised trainable leaves of `Transformer(cfg, head)`, boxed with logical names. Under jit
-    the base's own init is dead code (never computed)."""
+    """Randomly initialised leaves a stage trains of `Transformer(cfg, head)`, boxed with logical names: with
+    adapters the trainable ones (under jit the base's own init is dead code, never computed), without them
+    the whole model."""
     from lm.model import boxed_params
 
-    return split(boxed_params(cfg, rng, head), head)[1]
+    params = boxed_params(cfg, rng, head)
+    return split(params, head)[1] if enabled(cfg) else params
 
 
 def init_trainable(cfg: ModelConfig, rng, head: str, shardings) -> dict:

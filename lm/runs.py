@@ -314,7 +314,11 @@ def load_adapted(path: str, *, head: Optional[str] = None, mesh=None, rules=None
     """`(cfg, base, trainable)` of a parameter-efficient run: its model config (adapters on), the float params
     of the model it adapted (`base` in its metadata, read again; a scalar-head run's without `lm_head`) and
     the policy's trainable leaves of its newest checkpoint."""
-    meta = load_meta(path)
+    return _adapted(path, load_meta(path), head, mesh, rules)
+
+
+def _adapted(path: str, meta: dict, head: Optional[str], mesh, rules):
+    """`load_adapted` of a run whose checkpoint metadata `meta` is already read."""
     saved = ModelConfig.from_dict(meta["model"])
     if not peft.enabled(saved):
         raise ValueError(f"{path} trained the whole model (no adapters in its model config)")
@@ -372,7 +376,7 @@ def load(path: str, *, mesh=None, rules=None, head: Optional[str] = None, cfg: O
         meta = load_meta(path)
         saved = ModelConfig.from_dict(meta["model"])
         if peft.enabled(saved):  # the adapters merged into the base, quantised as in training
-            saved, base, trainable = load_adapted(path, head=head, mesh=mesh, rules=rules)
+            saved, base, trainable = _adapted(path, meta, head, mesh, rules)
             merged, params = peft.merge_lora(saved, peft.merge(peft.quantize_base(saved, base), trainable))
             if cfg is not None:
                 merged.check_same_model(cfg, f"the run {path}")

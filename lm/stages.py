@@ -13,15 +13,14 @@ from absl import logging
 
 from lm import data, losses, peft, runs
 from lm.loop import fit, mesh_and_rules
-from lm.model import Transformer, boxed_params
+from lm.model import Transformer
 
 
 def _fit_lm(config, workdir: str, stage: str, model_cfg, init_params, train_data, eval_data) -> str:
     """Train the LM (full, or adapters on a frozen base with `config.peft`) through lm.loop.fit."""
     model_cfg, frozen = runs.adapt(config, model_cfg, init_params, "lm", *mesh_and_rules(config))
-    build = boxed_params if frozen is None else peft.boxed_trainable
     fit(config, workdir, loss_fn=losses.lm_loss_fn(Transformer(model_cfg)),
-        build_params=functools.partial(build, model_cfg), train_data=train_data, eval_data=eval_data,
+        build_params=functools.partial(peft.boxed_trainable, model_cfg), train_data=train_data, eval_data=eval_data,
         init_params=init_params if frozen is None else None, frozen=frozen,
         meta=runs.run_meta(config, model_cfg, stage, head="lm"))
     return workdir

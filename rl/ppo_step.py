@@ -29,7 +29,7 @@ from lm import peft, sharding
 from lm.config import ModelConfig
 from lm.generation import SampleOutput, sample
 from lm.losses import lm_loss, model_kwargs
-from lm.model import Transformer, abstract_params, boxed_params
+from lm.model import Transformer, abstract_params
 from rl import ppo
 
 
@@ -144,8 +144,7 @@ def _roles(cfg) -> Roles:
 
 def _boxed_params(cfg: ModelConfig, rng):
     a, c = jax.random.split(rng)
-    build = peft.boxed_trainable if peft.enabled(cfg) else boxed_params
-    return {"actor": build(cfg, a), "critic": build(cfg, c, head="scalar")}
+    return {"actor": peft.boxed_trainable(cfg, a), "critic": peft.boxed_trainable(cfg, c, head="scalar")}
 
 
 def _state(params, tx, kl_coef, rng):

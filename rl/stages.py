@@ -9,6 +9,7 @@ stage function here that hands both to `lm.loop.run` as a `Program`; see docs/ar
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable, Iterable, Optional
 
@@ -22,7 +23,7 @@ from absl import logging
 from lm import data, distributed, loop, optim, peft, runs, sharding
 from lm.data import builders
 from lm.config import ModelConfig
-from lm.model import abstract_params, boxed_params
+from lm.model import abstract_params
 from rl import dpo as dpo_lib
 from rl import ppo_step as ps
 from rl import reward as reward_lib
@@ -75,9 +76,9 @@ def reward(config, workdir: str) -> str:
     d = config.data
     kw = dict(runs.data_kwargs(config), k=d.k, overlong=d.overlong, field_map=d.field_map)
     eval_data = data.preference_dataset(d.path, tok, split="eval", **kw) if config.train.eval_every else None
-    build = boxed_params if frozen is None else peft.boxed_trainable  # adapters: a fresh `normal` score head
+    # With adapters, init_params is not used: the score head is a fresh `normal` one beside fresh adapters.
     state = loop.fit(config, workdir, loss_fn=reward_lib.reward_loss_fn(model_cfg),
-                     build_params=lambda rng: build(model_cfg, rng, head="scalar"),
+                     build_params=lambda rng: peft.boxed_trainable(model_cfg, rng, head="scalar"),
                      train_data=data.preference_dataset(d.path, tok, split="train", **kw), eval_data=eval_data,
                      init_params=init_params if frozen is None else None, frozen=frozen,
                      meta=runs.run_meta(config, model_cfg, "reward", head="scalar"))
@@ -116,9 +117,8 @@ def dpo(config, workdir: str) -> str:
         prefs = data.preference_dataset(d.path, tok, split=split, **kw)
         return dpo_lib.with_reference_logps(prefs, ref_cfg, ref, mesh, rules)
 
-    build = boxed_params if frozen is None else peft.boxed_trainable
     loop.fit(config, workdir, loss_fn=dpo_lib.dpo_loss_fn(adapted, hp.beta, hp.label_smoothing),
-             build_params=lambda rng: build(adapted, rng), train_data=dataset("train"),
+             build_params=functools.partial(peft.boxed_trainable, adapted), train_data=dataset("train"),
              eval_data=dataset("eval") if config.train.eval_every else None,
              init_params=sft_params if frozen is None else None, frozen=frozen,
              meta=runs.run_meta(config, adapted, "dpo", head="lm"))
@@ -178,9 +178,8 @@ def ppo(config, workdir: str, on_iteration: Optional[Callable] = None) -> str:
         actor = peft.init_trainable(adapted, rng, "lm", shardings.params["actor"])
         if config.critic_init == "reward":
             critic = frozen["reward"]
-            if not roles.reward_on_base or (jax.tree.structure(critic), [x.shape for x in jax.tree.leaves(critic)]) != (
-                    jax.tree.structure(abstract.params["critic"]),
-                    [x.shape for x in jax.tree.leaves(abstract.params["critic"])]):
+            shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)  # noqa: E731
+            if not roles.reward_on_base or shapes(critic) != shapes(abstract.params["critic"]):
                 raise ValueError("critic_init='reward' with adapters needs a reward model of the same adapters on the "
                                  f"same base (a reward run with the same config.peft from {config.init_from}); "
                                  "set critic_init=zeros to train the critic's adapters from a zero head")
