@@ -115,7 +115,7 @@ def ppo(model: str, method: str, batch: int, budget: float) -> str:
     b, p, n = batch, config.data.prompt_len, hp.response_length
     out = pt.SampleOutput(S((b, n), jnp.int32), S((b, n), jnp.float32), S((b, n), jnp.float32), S((b,), jnp.int32))
     with jax.set_mesh(mesh):
-        compiled = steps.learn_fn.lower(abstract, frozen, S((b, p), jnp.int32), S((b,), jnp.int32), out).compile()
+        compiled = steps.learn_fn(()).lower(abstract, frozen, S((b, p), jnp.int32), S((b,), jnp.int32), out).compile()
     return _row("ppo", method, compiled, budget, f"{b} rollouts of {p} + {n} tokens, {hp.mini_batches} mini-batches")
 
 

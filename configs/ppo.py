@@ -9,6 +9,7 @@ ppo.mini_batches` steps per iteration. Presets: `tiny` (CPU), `llama-7b`, `bloom
 import ml_collections as mlc
 
 from configs import common
+from rl.algorithms import RLConfig
 from rl.ppo_step import PPOConfig
 
 PRESETS = ("tiny", "llama-7b", "bloom-7b1", "glm-6b")
@@ -17,6 +18,25 @@ PRESETS = ("tiny", "llama-7b", "bloom-7b1", "glm-6b")
 def ppo(**values):
     """The recipe: every field of rl.ppo_step.PPOConfig (whose docstring gives each TRL / InstructGPT choice)."""
     return common.from_dataclass(PPOConfig, **values)
+
+
+def rl(**values):
+    """The algorithm (rl.algorithms.RLConfig): `--config.rl.algorithm=grpo|rloo|remax|reinforce_pp|best_of_n|
+    online_dpo` runs that method with the `ppo` section's sampling, clipping, epochs and KL coefficient.
+
+    Recipe defaults of the field, for `--config.rl.*` / `--config.ppo.*` (configs/pipeline.py uses them):
+      GRPO (Shao et al. 2024): group_size 64 in the paper, 8 in TRL; scale_rewards; loss_agg seq_mean (paper;
+        TRL's default is now token_mean); kl_in loss with kl_coef 0.04 (paper; TRL 0.0); ppo.epochs 1 (mu=1).
+      Dr. GRPO (Liu et al. 2025): scale_rewards False, loss_agg seq_sum, kl_coef 0.
+      DAPO (Yu et al. 2025): clip 0.2 / clip_high 0.28, loss_agg token_mean, filter_ties, kl_coef 0.
+      RLOO (Ahmadian et al. 2024): group_size 4 (TRL 2), KL in the reward (TRL kl beta 0.05).
+      ReMax (Li et al. 2023): one sample and one greedy response per prompt, KL in the reward.
+      REINFORCE++ (Hu 2025): one sample per prompt, k1 KL in the reward (kl_coef 0.01), returns whitened over
+        the batch.
+      Best-of-n / rejection sampling (Llama 2; RAFT, Dong et al. 2023): group_size 8, ppo.epochs 1.
+      Online DPO (Guo et al. 2024): group_size 2, dpo_beta 0.1.
+    """
+    return common.from_dataclass(RLConfig, **values)
 
 
 def data(prompt_len: int):
@@ -62,6 +82,7 @@ def get_config(preset: str = "tiny"):
         c.model.overrides.remat = "full"  # recompute each block in the backward pass
     else:
         raise ValueError(f"unknown ppo preset {preset!r}; choose one of {PRESETS}")
+    c.rl = rl()  # the algorithm, PPO by default (rl.algorithms.RLConfig; recipe defaults of each in rl())
     c.optim.weight_decay = 0.0
     c.reward_from = ""  # the reward-model run (its latest checkpoint and reward_norm.json)
     c.reward_normalize = True  # apply the reward run's score normalisation (mean 0, std 1 on SFT samples)

@@ -74,19 +74,44 @@ def whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8):
     return out * mask
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip: float):
-    """PPO's clipped surrogate, a masked mean over tokens: `max(-A r, -A clip(r, 1-eps, 1+eps))`.
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum")
 
-    Returns `(loss, metrics)` with the fraction of clipped tokens and the approximate KL
-    `mean((r - 1) - log r)` between the new and the rollout policy.
+
+def aggregate(per_token, mask, how: str = "token_mean", horizon: int | None = None):
+    """One loss from per-token values `[B, T]` (rl.algorithms.RLConfig.loss_agg).
+
+    token_mean: `sum(x * m) / sum(m)` over the batch (PPO, DAPO); seq_mean: the mean over sequences with
+    tokens of `sum_t(x * m) / sum_t(m)` (GRPO); seq_sum: `sum(x * m) / (B * horizon)`, `horizon` = T by
+    default (Dr. GRPO's constant normaliser).
+    """
+    _check_same_shape("aggregate", per_token=per_token, mask=mask)
+    if how == "token_mean":
+        return masked_mean(per_token, mask)
+    if how == "seq_mean":
+        lengths = mask.sum(-1)
+        per_seq = (per_token * mask).sum(-1) / jnp.maximum(lengths, 1.0)
+        has = (lengths > 0).astype(jnp.float32)
+        return (per_seq * has).sum() / jnp.maximum(has.sum(), 1.0)
+    if how == "seq_sum":
+        return (per_token * mask).sum() / (per_token.shape[0] * (horizon or per_token.shape[1]))
+    raise ValueError(f"rl.ppo.aggregate: unknown aggregation {how!r}; use one of {LOSS_AGGREGATIONS}")
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip: float, clip_high: float | None = None,
+                agg: str = "token_mean", horizon: int | None = None):
+    """PPO's clipped surrogate per token, `max(-A r, -A clip(r, 1 - clip, 1 + clip_high))`, aggregated by `agg`.
+
+    clip_high: the upper epsilon ("clip-higher", DAPO); None = `clip`. agg/horizon: see `aggregate` (default:
+    the masked mean over tokens). Returns `(loss, metrics)` with the fraction of clipped tokens and the
+    approximate KL `mean((r - 1) - log r)` between the new and the rollout policy.
     """
     _check_same_shape("policy_loss", logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages,
                       mask=mask)
     log_ratio = logprobs - old_logprobs
     ratio = jnp.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * jnp.clip(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
+    clipped = -advantages * jnp.clip(ratio, 1.0 - clip, 1.0 + (clip if clip_high is None else clip_high))
+    loss = aggregate(jnp.maximum(unclipped, clipped), mask, agg, horizon)
     metrics = {"policy_clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
                "approx_kl": masked_mean(jnp.expm1(log_ratio) - log_ratio, mask)}
     return loss, metrics

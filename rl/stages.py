@@ -9,7 +9,9 @@ stage function here that hands both to `lm.loop.run` as a `Program`; see docs/ar
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
 import os
 from typing import Callable, Iterable, Optional
 
@@ -19,14 +21,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from lm import data, distributed, loop, optim, peft, runs, sharding
 from lm.data import builders
 from lm.config import ModelConfig
 from lm.model import abstract_params
 from rl import dpo as dpo_lib
+from rl import evaluate as rl_evaluate
 from rl import ppo_step as ps
 from rl import reward as reward_lib
+from rl.algorithms import RLConfig
 
 
 def score_statistics(cfg, params, batches: Iterable, num_batches: int, mesh, rules) -> tuple[float, float, int]:
@@ -126,34 +131,44 @@ def dpo(config, workdir: str) -> str:
 
 
 def ppo(config, workdir: str, on_iteration: Optional[Callable] = None) -> str:
-    """RLHF with PPO: the SFT policy optimised against the reward model with a per-token KL penalty.
+    """RLHF: the SFT policy optimised against the reward model with a KL penalty, by PPO (default) or the
+    algorithm `rl.algorithm` names (GRPO, RLOO, ReMax, REINFORCE++, best-of-n, online DPO; rl.algorithms).
 
     Actor and reference come from `init_from` (SFT); the reward model (normalised, `reward_normalize`) and by
-    default the critic (`critic_init`) from `reward_from`; prompts from `data.path`; with `ppo.ptx_coef > 0`
-    pretraining batches from `ptx.path` (PPO-ptx). `train.steps` counts iterations (one rollout batch of
-    `train.batch_size` prompts each). on_iteration: optional `f(iteration, metrics: dict of floats,
-    out: lm.generation.SampleOutput, prompt_batch)` after each iteration, e.g. to grade the rollouts; it runs
-    on every process, and `out` and `prompt_batch` are global arrays (read them whole only where a process
-    holds them all, as in a single-process run).
+    default PPO's critic (`critic_init`) from `reward_from`; a Python reward function `rl.reward_fn` adds to
+    it or, with `reward_from=""`, replaces it; prompts from `data.path`; with `ppo.ptx_coef > 0` pretraining
+    batches from `ptx.path` (PPO-ptx). `train.steps` counts iterations (one rollout batch of
+    `train.batch_size` prompts, `rl.group_size` samples each). on_iteration: optional `f(iteration, metrics:
+    dict of floats, out: lm.generation.SampleOutput, prompt_batch)` after each iteration, e.g. to grade the
+    rollouts (`prompt_batch` has a row per sample: each prompt repeated `rl.group_size` times); it runs on
+    every process, and `out` and `prompt_batch` are global arrays (read them whole only where a process holds
+    them all, as in a single-process run).
     """
-    if not config.init_from or not config.reward_from:
-        raise ValueError("config.init_from (the SFT run) and config.reward_from (the reward run) are both required")
+    alg = runs.recipe(RLConfig, config.rl, "rl") if "rl" in config else RLConfig()
+    if not config.init_from or not (config.reward_from or alg.reward_fn):
+        raise ValueError("config.init_from (the SFT run) and a reward (config.reward_from, the reward run, and/or "
+                         "config.rl.reward_fn) are required")
+    if alg.critic and not config.reward_from and config.critic_init == "reward":
+        raise ValueError("critic_init='reward' needs config.reward_from; set critic_init=zeros with a reward_fn only")
     if config.critic_init not in ("reward", "zeros"):
         raise ValueError(f"critic_init={config.critic_init!r} must be 'reward' or 'zeros'")
     hp = runs.recipe(ps.PPOConfig, config.ppo, "ppo")
+    reward_fn = load_reward_fn(alg.reward_fn) if alg.reward_fn else None
     model_cfg, sft_params, tok = runs.start(config, workdir, needs="(SFT): actor and reference")
     mesh, rules = loop.mesh_and_rules(config)
     tc = config.train
     tx, lr = optim.make_optimizer(config.optim, tc.steps * hp.epochs * hp.mini_batches)
     adapted, base = runs.adapt(config, model_cfg, sft_params, "lm", mesh, rules)
     if base is None:
-        roles = ps.Roles(model_cfg)
-        _, rm = reward_lib.load(config.reward_from, cfg=model_cfg, mesh=mesh, rules=rules,
-                                normalize=config.reward_normalize)
-        frozen = {"ref": sft_params(abstract_params(model_cfg, "lm", mesh, rules)), "reward": rm}
+        roles, frozen = ps.Roles(model_cfg), {"ref": sft_params(abstract_params(model_cfg, "lm", mesh, rules))}
+        if config.reward_from:
+            frozen["reward"] = reward_lib.load(config.reward_from, cfg=model_cfg, mesh=mesh, rules=rules,
+                                               normalize=config.reward_normalize)[1]
     else:  # one frozen base for all four models
-        roles, rm = _reward_on(config, adapted, model_cfg, mesh, rules)
-        frozen = {"base": base.params, "reward": rm}
+        roles, frozen = ps.Roles(adapted), {"base": base.params}
+        if config.reward_from:
+            roles, frozen["reward"] = _reward_on(config, adapted, model_cfg, mesh, rules)
+    roles = dataclasses.replace(roles, has_critic=alg.critic, has_reward_model=bool(config.reward_from))
     abstract, shardings, frozen_sh = ps.state_shardings(roles, tx, mesh, rules)
 
     n = jax.process_count()
@@ -172,11 +187,13 @@ def ppo(config, workdir: str, on_iteration: Optional[Callable] = None) -> str:
     def fresh():
         rng = jax.random.PRNGKey(config.seed)
         if base is None:
-            critic = (frozen["reward"] if config.critic_init == "reward"
+            critic = (None if not alg.critic else frozen["reward"] if config.critic_init == "reward"
                       else reward_lib.init_from_sft(model_cfg, frozen["ref"], rng, "zeros"))
             return ps.init_state(frozen["ref"], critic, tx, hp.kl_coef, rng, shardings)
         actor = peft.init_trainable(adapted, rng, "lm", shardings.params["actor"])
-        if config.critic_init == "reward":
+        if not alg.critic:
+            critic = None
+        elif config.critic_init == "reward":
             critic = frozen["reward"]
             shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)  # noqa: E731
             if not roles.reward_on_base or shapes(critic) != shapes(abstract.params["critic"]):
@@ -189,15 +206,16 @@ def ppo(config, workdir: str, on_iteration: Optional[Callable] = None) -> str:
         return ps.init_state(actor, critic, tx, hp.kl_coef, rng, shardings)
 
     steps = ps.make_steps(roles, hp, tx, shardings, frozen_sh, mesh, eos_id=data.chat.stop_id(tok),
-                          pad_id=tok.pad_id, rules=rules, lr_schedule=lr)
+                          pad_id=tok.pad_id, rules=rules, lr_schedule=lr, alg=alg)
+    score_text = None if reward_fn is None else functools.partial(_text_rewards, reward_fn, tok, mesh, rules)
 
     def step(state, batch):
         prompt_batch, ptx_batch = batch if hp.ptx_coef > 0 else (batch, None)
         prompt_batch = sharding.global_batch(prompt_batch, mesh, rules)  # this process's rows -> global
         ptx_batch = None if ptx_batch is None else sharding.global_batch(ptx_batch, mesh, rules)
         state, metrics, out = steps.iteration(state, frozen, prompt_batch["tokens"], prompt_batch["lengths"],
-                                              ptx_batch)
-        return state, metrics, (out, prompt_batch)
+                                              ptx_batch, reward_fn=score_text)
+        return state, metrics, (out, ps.expand(prompt_batch, alg.group_size))
 
     def on_step(it, metrics, aux):
         if on_iteration is not None:
@@ -208,8 +226,40 @@ def ppo(config, workdir: str, on_iteration: Optional[Callable] = None) -> str:
         max_bad_steps=hp.max_bad_iterations, bad_steps_flag="ppo.max_bad_iterations",
         hint="Lower the learning rate, clip scores (ppo.score_clip) or check the reward model.",
         progress=("score", "kl"),
-        meta=runs.run_meta(config, adapted, "ppo", params={"actor": "lm", "critic": "scalar"}, policy="actor")))
+        meta=runs.run_meta(config, adapted, "ppo", params={"actor": "lm", "critic": "scalar"} if alg.critic
+                           else {"actor": "lm"}, policy="actor")))
     return workdir
+
+
+def load_reward_fn(spec: str) -> Callable:
+    """The Python reward function named `"module:function"` (`rl.reward_fn`), imported; errors name the spec."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"rl.reward_fn={spec!r} must be 'module:function', e.g. 'experiments.qa_task:gold_reward'")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"rl.reward_fn={spec!r}: cannot import {name} from {module}: {e}") from e
+    if not callable(fn):
+        raise ValueError(f"rl.reward_fn={spec!r} is not callable")
+    return fn
+
+
+def _text_rewards(reward_fn: Callable, tok, mesh, rules, prompt_tokens, prompt_lengths, out) -> jax.Array:
+    """A Python reward function's scores of the samples `out` as a global `[B]` array: every process decodes
+    all rows (gathered) and calls `reward_fn(prompts=, completions=, completion_ids=)` (TRL's signature) on
+    them, and keeps its own rows. Completions are cut at the end of turn; ids keep it."""
+    prompts, lengths, tokens, n = (np.asarray(a) for a in multihost_utils.process_allgather(
+        (prompt_tokens, prompt_lengths, out.tokens, out.lengths), tiled=True))
+    ids = [[int(t) for t in row[:k]] for row, k in zip(tokens, n)]
+    scores = reward_fn(prompts=[tok.decode(p[:m]) for p, m in zip(prompts, lengths)],
+                       completions=[rl_evaluate.response_text(tok, i) for i in ids], completion_ids=ids)
+    scores = np.asarray(scores, np.float32)
+    if scores.shape != (len(ids),):
+        raise ValueError(f"rl.reward_fn returned {scores.shape} scores for {len(ids)} completions; it must return "
+                         "one float per completion")
+    sh = sharding.batch_sharding(mesh, 1, rules)
+    return jax.make_array_from_callback(scores.shape, sh, lambda index: scores[index])
 
 
 def _reward_on(config, adapted, model_cfg, mesh, rules):

@@ -1,7 +1,7 @@
-"""PPO through the one loop, as a user runs it: `python -m experiments.ppo` killed (-9) at a random iteration and
+"""RL through the one loop, as a user runs it: `python -m experiments.ppo` killed (-9) at a random iteration and
 rerun logs exactly the metrics of an uninterrupted run, iteration by iteration, and ends with the same actor;
-trained whole, and as actor and critic adapters on one int8 base (QLoRA), whose checkpoints hold the adapters
-only and whose base is read (and quantised) again on every start."""
+PPO trained whole, and GRPO as adapters on one int8 base (QLoRA), whose checkpoints hold the adapters only and
+whose base is read (and quantised) again on every start."""
 import json
 import os
 import random
@@ -40,12 +40,12 @@ def _run_dir(path, params, meta, tok):
     return str(path)
 
 
-ADAPTERS = ["--config.peft.method=qlora", "--config.peft.quant=int8", "--config.peft.rank=4",
-            "--config.critic_init=zeros"]
+GRPO_QLORA = ["--config.rl.algorithm=grpo", "--config.rl.group_size=2", "--config.peft.method=qlora",
+              "--config.peft.quant=int8", "--config.peft.rank=4"]
 
 
-@pytest.mark.parametrize("peft", [[], ADAPTERS], ids=["full", "qlora"])
-def test_ppo_killed_and_rerun_logs_every_metric_of_an_uninterrupted_run(tmp_path, peft):
+@pytest.mark.parametrize("peft", [[], GRPO_QLORA], ids=["ppo-full", "grpo-qlora"])
+def test_rl_killed_and_rerun_logs_every_metric_of_an_uninterrupted_run(tmp_path, peft):
     tok = Tokenizer.train(os.path.join(ROOT, "data/text/en.txt"), 320, str(tmp_path / "tok"), character_coverage=0.99)
     cfg = presets.get("llama-tiny", vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2,
                       d_ff=64, max_len=64)
@@ -73,13 +73,15 @@ def test_ppo_killed_and_rerun_logs_every_metric_of_an_uninterrupted_run(tmp_path
     assert [r["step"] for r in b] == list(range(1, STEPS + 1)), f"killed after {kill_after}"
     strip = lambda r: {k: v for k, v in r.items() if k not in TIMING}  # noqa: E731
     assert [strip(r) for r in a] == [strip(r) for r in b], f"killed after iteration {kill_after}"
-    assert {"score", "kl", "kl_coef", "policy_loss", "value_loss", "lr", "bad_streak"} <= set(a[-1])
+    assert {"score", "kl", "kl_coef", "policy_loss", "lr", "bad_streak"} <= set(a[-1])
+    assert ("kl_loss" if peft else "value_loss") in a[-1]  # GRPO's KL is a loss term; PPO has a critic
     # The run directory loads as a policy: the actor, with the SFT run's tokenizer.
     cfg_a, actor_a, tok_a = lm.load(straight)
     _, actor_b, _ = lm.load(killed)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(actor_a), jax.device_get(actor_b))
     assert cfg_a == cfg and tok_a.vocab_size == tok.vocab_size  # adapters come back merged into the base
     if peft:
+        assert lm.runs.load_meta(straight)["params"] == {"actor": "lm"}  # no critic
         assert np.abs(jax.device_get(actor_a)["layers"]["attn"]["q"]["kernel"] - sft["layers"]["attn"]["q"]["kernel"]
                       ).max() > 0  # int8 rounding and the trained adapters
         return

@@ -46,7 +46,7 @@ def test_ppo_llama_7b_steps_lower_on_8_devices():
            for k, dt in (("inputs", jnp.int32), ("targets", jnp.int32), ("loss_mask", jnp.float32))}
     with jax.set_mesh(mesh):
         rollout = steps.rollout_fn.lower(abstract.params, frozen, prompts, lengths, jax.random.key(0))
-        learn = steps.learn_ptx_fn.lower(abstract, frozen, prompts, lengths, out, ptx)
+        learn = steps.learn_fn(("ptx",)).lower(abstract, frozen, prompts, lengths, out, ptx)
     assert rollout.out_info.tokens.shape == (b, n)
     new_state, metrics = learn.out_info
     assert new_state.params["actor"]["embed"]["embedding"].shape == (cfg.vocab_size, cfg.d_model)
