@@ -2,9 +2,11 @@
 --config=configs/pipeline.py:tiny --workdir=DIR`.
 
 Stages, each in `DIR/<stage>` and skipped when already done: tokenizer -> pretrain -> sft -> samples (K
-responses per prompt from the SFT model, ranked by the labeler) -> reward -> ppo and dpo -> eval. The
-`pretrain`, `sft`, `reward`, `ppo` and `dpo` sections are those stages' own configs (configs/<stage>.py)
-with the pipeline's choices applied; the pipeline fills in their data paths and `init_from` links.
+responses per prompt from the SFT model, ranked by the labeler) -> reward -> ppo, dpo and the `methods`
+(GRPO, RLOO, best-of-n by default; ReMax, REINFORCE++, online DPO by flag) -> eval. The `pretrain`, `sft`,
+`reward`, `ppo` and `dpo` sections are those stages' own configs (configs/<stage>.py) with the pipeline's
+choices applied, each method's a copy of `ppo` running its algorithm; the pipeline fills in their data paths
+and `init_from` links.
 Presets: `tiny` (the CPU demo, about 8 minutes on an idle 2-core machine).
 """
 import ml_collections as mlc
@@ -65,6 +67,23 @@ def _lora(stage, lr: float):
     return c
 
 
+# The RL methods beside PPO and DPO, each a stage whose config is PPO's with `rl.algorithm` set (rl.algorithms).
+RL_METHODS = ("grpo", "rloo", "remax", "reinforce_pp", "best_of_n", "online_dpo")
+
+
+def _method(ppo_stage, algorithm: str, group_size: int, **recipe):
+    """A copy of the PPO stage running `algorithm` with `group_size` samples per prompt on PPO's rollout budget
+    (batch_size / group_size prompts per iteration, same iterations, epochs, mini-batches and learning rate).
+    `recipe` sets rl.* fields, or ppo.* ones as `ppo__<field>`."""
+    c = ppo_stage.copy_and_resolve_references()
+    c.rl.algorithm, c.rl.group_size = algorithm, group_size
+    c.train.batch_size = ppo_stage.train.batch_size // group_size
+    for key, value in recipe.items():
+        section, _, field = key.rpartition("__")
+        c[section or "rl"][field] = value
+    return c
+
+
 def get_config(preset: str = "tiny"):
     """The pipeline config of `preset` (one of PRESETS)."""
     if preset != "tiny":
@@ -109,6 +128,17 @@ def get_config(preset: str = "tiny"):
     c.ppo.ppo.response_length = 24
     c.ppo.data.prompt_len = 32
 
+    # The critic-free methods on PPO's budget of 32 rollouts per iteration. Recipe choices (configs/ppo.py's rl()
+    # gives each field's sources): GRPO's KL is a k3 loss term at 0.04 (Shao et al.); RLOO, ReMax and REINFORCE++
+    # keep PPO's KL in the reward; best-of-n trains on the best of 8 (one eighth of the rollouts).
+    c.methods = "grpo,rloo,best_of_n"  # which of RL_METHODS run (comma-separated; "" = only PPO and DPO)
+    c.grpo = _method(c.ppo, "grpo", 4, ppo__kl_coef=0.04)
+    c.rloo = _method(c.ppo, "rloo", 4)
+    c.remax = _method(c.ppo, "remax", 1)
+    c.reinforce_pp = _method(c.ppo, "reinforce_pp", 1)
+    c.best_of_n = _method(c.ppo, "best_of_n", 8)
+    c.online_dpo = _method(c.ppo, "online_dpo", 2)
+
     c.dpo = dpo.get_config("tiny")
     c.dpo.train.steps = 60
     c.dpo.train.batch_size = 16
@@ -126,7 +156,7 @@ def get_config(preset: str = "tiny"):
 
     c.eval = evaluation(temperature=0.7, max_new_tokens=24)
     c.eval.temperature = c.ppo.ppo.get_ref("temperature")
-    stages = (c.sft, c.reward, c.ppo, c.dpo, c.sft_lora, c.ppo_lora)
+    stages = (c.sft, c.reward, c.ppo, c.dpo, c.sft_lora, c.ppo_lora) + tuple(c[m] for m in RL_METHODS)
     for stage in stages:  # the model is the pretraining run's (read from init_from)
         for field in stage.model.overrides:
             stage.model.overrides[field] = None

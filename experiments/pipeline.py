@@ -11,14 +11,18 @@ mid-run resumes from its checkpoint):
              in for human labelers: preference data for training (`rl` prompts) and held-out (`rm_eval`).
   reward     reward model on the ranked samples (InstructGPT's K-wise loss).
   ppo, dpo   the SFT policy optimised against the reward model (PPO) and on the preferences (DPO).
+  grpo, rloo, best_of_n (remax, reinforce_pp, online_dpo)  the other RL methods against the same reward model,
+             on PPO's rollout budget (`--config.methods`, configs/pipeline.py).
   sft_lora, ppo_lora  with `--config.peft_rows=True`: LoRA-SFT (from pretrain) and LoRA-PPO (from sft).
-  eval       reward-model held-out pairwise accuracy; the labeler's (gold) score of SFT, PPO and DPO (and the
-             LoRA rows) on the held-out prompts; PPO-vs-SFT win rate; KL to the SFT reference; sample answers.
-Writes `DIR/report.json`, `DIR/ppo_curves.png` and prints the results table.
+  eval       reward-model held-out pairwise accuracy; for every policy on the held-out prompts: the labeler's
+             (gold) score, win rate against SFT, KL to the SFT reference, reward-model score; sample answers.
+Writes `DIR/report.json`, `DIR/curves.png` (each RL run's reward-model score, KL and gold score by iteration),
+`DIR/frontier.png` (gold score against KL) and prints the comparison table.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -30,6 +34,7 @@ from ml_collections import config_flags
 
 import experiments
 import lm
+from configs.pipeline import RL_METHODS
 from experiments import qa_task as qa
 from lm import peft, runs
 from lm import stages as lm_stages
@@ -41,8 +46,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and prese
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of the whole pipeline.", required=True)
 
-STAGES = ("tokenizer", "pretrain", "sft", "samples", "reward", "ppo", "dpo", "sft_lora", "ppo_lora", "eval")
+STAGES = ("tokenizer", "pretrain", "sft", "samples", "reward", "ppo", "dpo") + RL_METHODS + ("sft_lora", "ppo_lora",
+                                                                                         "eval")
 PEFT_STAGES = ("sft_lora", "ppo_lora")
+SAMPLING = ("ppo", "ppo_lora") + RL_METHODS  # the stages that sample during training (gold.jsonl curves)
 DONE = "done.json"
 
 
@@ -88,8 +95,23 @@ def _reward(c, wd):
     return {"score_mean": norm["mean"], "score_std": norm["std"]}
 
 
+def methods(config) -> tuple:
+    """The RL methods beside PPO and DPO this run has (`config.methods`), checked against RL_METHODS."""
+    names = tuple(m.strip() for m in config.methods.split(",") if m.strip())
+    unknown = set(names) - set(RL_METHODS)
+    if unknown:
+        raise ValueError(f"config.methods names {sorted(unknown)}, not among {RL_METHODS}")
+    return names
+
+
+def policies(config) -> tuple:
+    """The policies the eval stage compares, in table order."""
+    return ("sft", "ppo") + methods(config) + ("dpo",) + (PEFT_STAGES if config.peft_rows else ())
+
+
 def _ppo(c, wd, task):
-    """PPO, grading every rollout with the labeler for the curves (`gold.jsonl`)."""
+    """An RL stage (PPO or another `rl.algorithm`), grading every rollout with the labeler for the curves
+    (`gold.jsonl`)."""
     tok = Tokenizer.load(c.data.tokenizer)
     curve = os.path.join(wd, "gold.jsonl")
 
@@ -121,15 +143,16 @@ def _evaluate(config, workdir, dirs, files, task):
     tok = Tokenizer.load(os.path.join(dirs["reward"], runs.TOKENIZER))
     held = _read_jsonl(os.path.join(dirs["samples"], "prefs_heldout.jsonl"))
     report["reward_model"] = evaluate.reward_accuracy(rm_cfg, rm, tok, held, width=e.seq_len, batch_size=e.batch_size)
-    names = ("sft", "ppo", "dpo") + (PEFT_STAGES if config.peft_rows else ())
-    policies = {name: lm.load(dirs[name])[:2] for name in names}
+    names = policies(config)
     report.update(evaluate.compare_policies(
-        policies, "sft", tok, prompts, lambda p, r: dataclasses.asdict(task.grade(p, r)),
-        temperature=e.temperature, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seq_len=e.seq_len,
-        seed=e.seed, examples=e.examples))
-    curves = _curves(dirs["ppo"])
-    report["ppo"]["final_train_kl"] = curves["kl"][-1] if curves["kl"] else None
-    _plot(curves, os.path.join(workdir, "ppo_curves.png"))
+        {name: lm.load(dirs[name])[:2] for name in names}, "sft", tok, prompts,
+        lambda p, r: dataclasses.asdict(task.grade(p, r)), temperature=e.temperature, max_new_tokens=e.max_new_tokens,
+        batch_size=e.batch_size, seq_len=e.seq_len, seed=e.seed, examples=e.examples, reward=(rm_cfg, rm)))
+    curves = {name: _curves(dirs[name]) for name in names if name in SAMPLING}
+    for name, c in curves.items():
+        report[name]["final_train_kl"] = c["kl"][-1] if c["kl"] else None
+    _plot(curves, os.path.join(workdir, "curves.png"))
+    _plot_frontier(curves, report, os.path.join(workdir, "frontier.png"))
     if config.peft_rows:
         report["peft"] = {name: _adaptation(dirs[name]) for name in ("sft", "ppo") + PEFT_STAGES}
     return report
@@ -144,7 +167,7 @@ def _adaptation(run_dir):
 
 
 def _curves(ppo_dir):
-    """PPO's per-iteration reward-model score and KL (metrics.jsonl) and labeler score (gold.jsonl)."""
+    """An RL run's per-iteration reward-model score and KL (metrics.jsonl) and labeler score (gold.jsonl)."""
     metrics = {}
     for row in _read_jsonl(os.path.join(ppo_dir, "metrics.jsonl")):
         if "score" in row:
@@ -155,45 +178,93 @@ def _curves(ppo_dir):
             "gold_step": sorted(gold), "gold": [gold[s] for s in sorted(gold)]}
 
 
-def _plot(curves, path):
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, (x, y, title) in zip(axes, ((curves["step"], curves["score"], "reward-model score (normalised)"),
-                                        (curves["step"], curves["kl"], "KL to the SFT reference (nats)"),
-                                        (curves["gold_step"], curves["gold"], "labeler (gold) score of rollouts"))):
-        ax.plot(x, y)
-        ax.set_title(title)
-        ax.set_xlabel("PPO iteration")
+    return plt
+
+
+def _smooth(y, width: int = 5):
+    """Trailing moving average (the first points average what exists)."""
+    y = np.asarray(y, np.float64)
+    c = np.cumsum(np.concatenate([[0.0], y]))
+    lo = np.maximum(np.arange(1, len(y) + 1) - width, 0)
+    return (c[1:] - c[lo]) / (np.arange(1, len(y) + 1) - lo)
+
+
+def _plot(curves, path):
+    """Learning curves: one line per RL run in each of three panels."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    panels = (("step", "score", "reward-model score of rollouts (normalised)"),
+              ("step", "kl", "KL to the SFT reference (nats, training estimate)"),
+              ("gold_step", "gold", "labeler (gold) score of rollouts"))
+    for ax, (x, y, title) in zip(axes, panels):
+        for name, c in curves.items():
+            ax.plot(c[x], c[y], label=name.upper())
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_frontier(curves, report, path):
+    """Gold score against KL to SFT: each RL run's rollouts by iteration (lines, 5-iteration moving averages of
+    both), and every policy's held-out result (markers with standard-error bars)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.6))
+    colours = {}
+    for name, c in curves.items():
+        if c["gold"] and len(c["kl"]) == len(c["gold"]):
+            (line,) = ax.plot(_smooth(c["kl"]), _smooth(c["gold"]), alpha=0.45, lw=1.2)
+            colours[name] = line.get_color()
+    for name, g in report["gold"].items():
+        kl = report[name]["kl"] if name != "sft" else 0.0
+        ax.errorbar([kl], [g["mean"]], yerr=[g["stderr"]], fmt="o", color=colours.get(name, "k" if name == "sft"
+                                                                                              else None),
+                    label=name.upper(), capsize=3)
+    ax.set_xlabel("KL to the SFT policy (nats per response)")
+    ax.set_ylabel("gold (labeler) score")
+    ax.set_title("reward vs KL: held-out (markers), training rollouts (lines)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def format_table(report) -> str:
-    """The results table printed at the end of the job."""
-    g = report["gold"]
+    """The results table printed at the end of the job: one row per policy."""
+    g, rm, sec = report["gold"], report.get("reward_score", {}), report.get("stage_seconds", {})
+    names = list(g)
     lines = [f"reward model held-out pairwise accuracy  {report['reward_model']['heldout_accuracy']:.3f}  "
              f"({report['reward_model']['heldout_pairs']} pairs, {report['reward_model']['heldout_prompts']} prompts)",
-             f"gold score on {report['eval_prompts']} held-out prompts (mean +- stderr; share correct / complete):"]
-    for name in ("sft", "ppo", "dpo"):
-        lines.append(f"  {name.upper():4s} {g[name]['mean']:.3f} +- {g[name]['stderr']:.3f}   "
-                     f"correct {g[name]['correct']:.2f}  complete {g[name]['complete']:.2f}")
-    d = report["ppo_minus_sft"]
+             f"{report['eval_prompts']} held-out prompts; gold = the labeler's score (mean +- s.e.), win rate vs SFT "
+             "(ties half), KL to SFT (nats/response), reward-model score, stage wall time:",
+             f"  {'method':10s} {'gold':>15s} {'win':>6s} {'KL':>6s} {'RM':>6s} {'wall s':>7s}  correct complete"]
+    for name in names:
+        win = report.get(f"{name}_vs_sft_win_rate")
+        kl = report[name]["kl"] if name in report and "kl" in report[name] else 0.0
+        lines.append(f"  {name.upper():10s} {g[name]['mean']:7.3f} +- {g[name]['stderr']:.3f} "
+                     f"{'' if win is None else f'{win:.3f}':>6s} {kl:6.2f} "
+                     f"{rm[name]['mean'] if name in rm else float('nan'):6.2f} {sec.get(name, float('nan')):7.0f}  "
+                     f"{g[name]['correct']:.2f}    {g[name]['complete']:.2f}")
+    for name in names[1:]:
+        d = report[f"{name}_minus_sft"]
+        lines.append(f"  {name.upper()} - SFT {d['mean']:+.3f} ({d['standard_errors']:.1f} standard errors, unpaired)")
     for name in PEFT_STAGES if "peft" in report else ():
         full, p = name.split("_")[0], report["peft"]
-        lines.append(f"  {name.upper():8s} {g[name]['mean']:.3f} +- {g[name]['stderr']:.3f}   trains "
-                     f"{100 * p[name]['trainable_fraction']:.1f}% of the parameters, {p[name]['step_seconds']:.3f} s/step "
-                     f"({full.upper()}: {p[full]['step_seconds']:.3f})")
-    lines += [f"PPO - SFT  {d['mean']:+.3f} ({d['standard_errors']:.1f} standard errors, unpaired)",
-              f"PPO vs SFT win rate (ties count half)  {report['ppo_vs_sft_win_rate']:.3f}",
-              f"KL to the SFT reference (nats/response)  PPO {report['ppo']['kl']:.3f}   DPO {report['dpo']['kl']:.3f}",
-              "sample answers (SFT | PPO | DPO):"]
+        lines.append(f"  {name.upper()} trains {100 * p[name]['trainable_fraction']:.1f}% of the parameters, "
+                     f"{p[name]['step_seconds']:.3f} s/step ({full.upper()}: {p[full]['step_seconds']:.3f})")
+    shown = [n for n in ("sft", "ppo", "dpo") if n in names]
+    lines.append(f"sample answers ({' | '.join(n.upper() for n in shown)}):")
     for ex in report["examples"]:
         lines.append(f"  Q: {ex['prompt']}")
-        for name in ("sft", "ppo", "dpo"):
+        for name in shown:
             lines.append(f"     {name.upper():4s} {ex[name]}")
     return "\n".join(lines)
 
@@ -207,16 +278,17 @@ def stage_configs(config, workdir):
     tok = os.path.join(dirs["tokenizer"], "tokenizer.model")
     cache = os.path.join(workdir, "data_cache")
     out = {}
+    prefs = os.path.join(dirs["samples"], "prefs_train.jsonl")
     for name, path, init in (("pretrain", files["pretrain"], ""), ("sft", files["sft"], dirs["pretrain"]),
-                             ("reward", os.path.join(dirs["samples"], "prefs_train.jsonl"), dirs["sft"]),
-                             ("ppo", files["rl"], dirs["sft"]),
-                             ("dpo", os.path.join(dirs["samples"], "prefs_train.jsonl"), dirs["sft"]),
-                             ("sft_lora", files["sft"], dirs["pretrain"]), ("ppo_lora", files["rl"], dirs["sft"])):
+                             ("reward", prefs, dirs["sft"]), ("ppo", files["rl"], dirs["sft"]),
+                             ("dpo", prefs, dirs["sft"]), ("sft_lora", files["sft"], dirs["pretrain"]),
+                             ("ppo_lora", files["rl"], dirs["sft"])) + tuple((m, files["rl"], dirs["sft"])
+                                                                             for m in RL_METHODS):
         c = config[name].copy_and_resolve_references()
         c.data.path, c.data.tokenizer, c.init_from = path, tok, init
         if "cache_dir" in c.data:
             c.data.cache_dir = cache
-        if name.startswith("ppo"):
+        if name in SAMPLING:
             c.reward_from = dirs["reward"]
         out[name] = c
     return files, dirs, tok, out
@@ -242,9 +314,11 @@ def run(config, workdir: str) -> dict:
         "sft_lora": lambda: {"steps": _steps(lm_stages.sft(c["sft_lora"], dirs["sft_lora"]))},
         "ppo_lora": lambda: _ppo(c["ppo_lora"], dirs["ppo_lora"], task),
         "eval": lambda: _evaluate(config, workdir, dirs, files, task),
+        **{m: functools.partial(_ppo, c[m], dirs[m], task) for m in RL_METHODS},
     }
     timings = {}
-    stages = [s for s in STAGES if config.peft_rows or s not in PEFT_STAGES]
+    chosen = methods(config)
+    stages = [s for s in STAGES if (config.peft_rows or s not in PEFT_STAGES) and (s not in RL_METHODS or s in chosen)]
     for name in stages:
         done = os.path.join(dirs[name], DONE)
         if os.path.exists(done):
@@ -270,8 +344,9 @@ def main(argv):
     t0 = time.perf_counter()
     report = run(_CONFIG.value, _WORKDIR.value)
     print(format_table(report))
-    print(f"report: {os.path.join(_WORKDIR.value, 'report.json')}  plot: "
-          f"{os.path.join(_WORKDIR.value, 'ppo_curves.png')}  ({time.perf_counter() - t0:.0f} s)")
+    wd = _WORKDIR.value
+    print(f"report: {os.path.join(wd, 'report.json')}  plots: {os.path.join(wd, 'curves.png')}, "
+          f"{os.path.join(wd, 'frontier.png')}  ({time.perf_counter() - t0:.0f} s)")
 
 
 if __name__ == "__main__":

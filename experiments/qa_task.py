@@ -358,6 +358,12 @@ def gold_score(prompt: str, response: str) -> float:
     return default_task().gold_score(prompt, response)
 
 
+def gold_reward(prompts: Sequence[str], completions: Sequence[str], **_) -> list[float]:
+    """The labeler as a verifiable RL reward (`--config.rl.reward_fn=experiments.qa_task:gold_reward`), TRL's
+    reward-function signature: one score in [0, 1] per completion."""
+    return [gold_score(p.strip(), c) for p, c in zip(prompts, completions)]
+
+
 def rank(prompt: str, responses: Sequence[str]) -> list[int]:
     """Ranks (0 = best, ties share a rank) of K responses to `prompt` by the labeler."""
     return default_task().rank(prompt, responses)

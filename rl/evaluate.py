@@ -146,14 +146,15 @@ def reward_accuracy(cfg, params, tok, rows: Sequence[Mapping], *, width: int, ba
 
 def compare_policies(policies: Mapping[str, tuple], reference: str, tok, prompts: Sequence[str],
                      grade: Callable[[str, str], Mapping[str, float]], *, temperature: float, max_new_tokens: int,
-                     batch_size: int, seq_len: int, seed: int, examples: int = 5) -> dict:
+                     batch_size: int, seq_len: int, seed: int, examples: int = 5, reward=None) -> dict:
     """Sample every policy on `prompts` with one seed, grade the answers, and compare each with `reference`.
 
     policies: `{name: (cfg, params)}`, `reference` among them (e.g. the SFT model). Returns
     `{"gold": {name: {mean, stderr, <other grade keys averaged>}}, "<name>": {"kl", "kl_stderr"}` (the
     per-response KL to the reference, `log pi - log ref` of the policy's own samples, at `temperature`),
     `"<name>_vs_<reference>_win_rate"` and `"<name>_minus_<reference>"` (mean gold difference and its standard
-    errors), and `"examples"` (the first `examples` prompts with every policy's answer)}.
+    errors), and `"examples"` (the first `examples` prompts with every policy's answer)}; with `reward=(cfg,
+    params)`, a reward model, also `"reward_score": {name: {mean, stderr}}` of each policy's answers.
     """
     ref_cfg, ref = policies[reference]
     answers, gold, report = {}, {}, {}
@@ -165,6 +166,9 @@ def compare_policies(policies: Mapping[str, tuple], reference: str, tok, prompts
         gold[name] = np.array([g["score"] for g in grades], np.float64)
         report.setdefault("gold", {})[name] = {**mean_stderr(gold[name]), **{
             k: float(np.mean([g[k] for g in grades])) for k in grades[0] if k != "score"}}
+        if reward is not None:
+            report.setdefault("reward_score", {})[name] = mean_stderr(scores(*reward, tok, prompts, answers[name],
+                                                                             width=seq_len, batch_size=batch_size))
         if name != reference:
             kl = logprobs(cfg, params, tok, prompts, answers[name], **kw) - logprobs(ref_cfg, ref, tok, prompts,
                                                                                      answers[name], **kw)

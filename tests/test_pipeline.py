@@ -9,7 +9,8 @@ from experiments import qa_task as qa
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ("reward_model.heldout_accuracy", "gold.sft.mean", "gold.sft.stderr", "gold.ppo.mean", "gold.ppo.stderr",
-        "gold.dpo.mean", "gold.dpo.stderr", "ppo.kl", "ppo_vs_sft_win_rate")
+        "gold.dpo.mean", "gold.dpo.stderr", "ppo.kl", "ppo_vs_sft_win_rate", "gold.grpo.mean", "grpo.kl",
+        "grpo_vs_sft_win_rate", "reward_score.sft.mean", "reward_score.grpo.mean", "stage_seconds.grpo")
 SHORT = {  # a 1-layer model, a few steps per stage
     "tokenizer.vocab_size": 400,
     "pretrain.model.overrides.d_model": 32, "pretrain.model.overrides.n_layers": 1,
@@ -22,6 +23,9 @@ SHORT = {  # a 1-layer model, a few steps per stage
     "ppo.train.steps": 2, "ppo.train.batch_size": 4, "ppo.ppo.response_length": 6, "ppo.ppo.epochs": 1,
     "ppo.ppo.mini_batches": 1,
     "ppo.data.prompt_len": 64,
+    "methods": "grpo",  # one of the other RL methods (they share the stage and trainer; tests/rl covers each)
+    "grpo.train.steps": 2, "grpo.train.batch_size": 1, "grpo.ppo.response_length": 6, "grpo.ppo.epochs": 1,
+    "grpo.ppo.mini_batches": 1, "grpo.data.prompt_len": 64,
     "dpo.train.steps": 2, "dpo.train.batch_size": 4, "dpo.data.k": 3, "dpo.data.seq_len": 96,
     "eval.max_new_tokens": 6, "eval.batch_size": 16, "eval.seq_len": 128,
 }
@@ -75,7 +79,8 @@ def test_short_pipeline_writes_the_report_and_resumes(tmp_path):
     assert 0.0 <= report["reward_model"]["heldout_accuracy"] <= 1.0
     assert report["reward_model"]["heldout_pairs"] == 3 * len(qa.read_prompts(files["rm_eval"]))
     assert report["eval_prompts"] == len(qa.read_prompts(files["eval"]))
-    assert (workdir / "ppo_curves.png").stat().st_size > 0
+    assert (workdir / "curves.png").stat().st_size > 0 and (workdir / "frontier.png").stat().st_size > 0
+    assert list(report["gold"]) == ["sft", "ppo", "grpo", "dpo"]
     assert "held-out pairwise accuracy" in first.stdout and "win rate" in first.stdout
 
     # A rerun finds every stage done and gives the same report.

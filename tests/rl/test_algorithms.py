@@ -193,3 +193,42 @@ def test_each_algorithm_raises_a_verifiable_reward_alike_on_one_and_eight_device
     eight = _run(name, sharding.make_mesh((2, 2, 2)), 1)
     assert one[0]["score"] == pytest.approx(eight[0]["score"], abs=1e-6)
     assert one[0]["loss"] == pytest.approx(eight[0]["loss"], rel=1e-5, abs=1e-6), name
+
+
+def test_python_reward_sees_decoded_text_and_comes_back_sharded(tmp_path):
+    import os
+
+    from lm.generation import SampleOutput
+    from lm.tokenizer import Tokenizer
+    from rl import stages
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    tok = Tokenizer.train(os.path.join(root, "data/text/en.txt"), 320, str(tmp_path / "tok"), character_coverage=0.99)
+    mesh = sharding.make_mesh((2, 2, 2))
+    prompts = [tok.encode("the cat"), tok.encode("a dog ran")] * 2  # 4 rows: the mesh splits batches 4 ways
+    answers = [tok.encode("sat down") + [tok.eos_id], tok.encode("far")] * 2
+    width, n = 16, 16
+    p = np.zeros((4, width), np.int32)
+    r = np.zeros((4, n), np.int32)
+    for i, (a, b) in enumerate(zip(prompts, answers)):
+        p[i, :len(a)], r[i, :len(b)] = a, b
+    out = SampleOutput(r, np.zeros((4, n), np.float32), (r > 0).astype(np.float32), np.array([len(b) for b in answers]))
+    seen = {}
+
+    def fn(prompts, completions, completion_ids):
+        seen.update(prompts=prompts, completions=completions, ids=completion_ids)
+        return [len(c) for c in completions]
+
+    scores = stages._text_rewards(fn, tok, mesh, sharding.RULES, p, np.array([len(a) for a in prompts]), out)
+    assert seen["completions"] == ["sat down", "far"] * 2 and seen["prompts"][1] == "a dog ran"
+    assert seen["ids"][0][-1] == tok.eos_id  # ids keep the end of turn; the text stops before it
+    np.testing.assert_array_equal(np.asarray(scores), [8.0, 3.0] * 2)
+    assert scores.sharding.is_equivalent_to(sharding.batch_sharding(mesh, 1, sharding.RULES), 1)
+    with pytest.raises(ValueError, match="one float per completion"):
+        stages._text_rewards(lambda **_: [1.0], tok, mesh, sharding.RULES, p, np.array([2, 3] * 2), out)
+    with pytest.raises(ValueError, match="must be 'module:function'"):
+        stages.load_reward_fn("experiments.qa_task")
+    with pytest.raises(ValueError, match="cannot import nope"):
+        stages.load_reward_fn("experiments.qa_task:nope")
+    gold = stages.load_reward_fn("experiments.qa_task:gold_reward")
+    assert gold(prompts=["What is the capital of France?"], completions=["I am not sure."]) == [0.0]
