@@ -1,7 +1,7 @@
 """The critic-free RL algorithms: each advantage / aggregation / selection function against a NumPy loop on
 random ragged cases (ties, masks, groups of one, all-equal rewards), and every algorithm of the one trainer
-raising a verifiable reward (the share of responses' tokens equal to 7) on one device, with the same losses
-on an 8-device mesh."""
+raising a verifiable reward (the share of responses' tokens equal to 7) on one device, skipping the update of
+a non-finite reward, with the same losses on an 8-device mesh."""
 import functools
 
 import jax
@@ -164,7 +164,7 @@ def _policy():
     return jax.jit(lambda r: init_params(CFG, r))(jax.random.key(0))
 
 
-def _run(name, mesh, iterations):
+def _run(name, mesh, iterations, reward=sevens):
     recipe = dict(RECIPES[name])
     rl = alg.RLConfig(**{"algorithm": name, "group_size": 4, **recipe})
     roles = pt.Roles(CFG, has_critic=False, has_reward_model=False)
@@ -177,20 +177,23 @@ def _run(name, mesh, iterations):
     frozen = {"ref": _policy()}
     history = []
     for _ in range(iterations):
-        state, metrics, out = steps.iteration(state, frozen, prompts, lengths, reward_fn=sevens)
+        state, metrics, out = steps.iteration(state, frozen, prompts, lengths, reward_fn=reward)
         history.append(jax.device_get(metrics))
-    return history
+    return history, lambda reward_fn: steps.iteration(state, frozen, prompts, lengths, reward_fn=reward_fn)
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_each_algorithm_raises_a_verifiable_reward_alike_on_one_and_eight_devices(name):
-    one = _run(name, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]), ITERATIONS)
+    one, more = _run(name, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]), ITERATIONS)
     start = one[0]["score"]  # ~1/64: the untrained policy's share of 7s
     end = np.mean([m["score"] for m in one[-4:]])
     assert end > max(4 * start, start + 0.08), (name, [round(float(m["score"]), 3) for m in one])
     for m in one:
         assert m["skipped"] == 0 and all(np.isfinite(v) for v in m.values()), name
-    eight = _run(name, sharding.make_mesh((2, 2, 2)), 1)
+    # A non-finite reward skips every update of the iteration and counts as a bad one.
+    _, bad, _ = more(lambda prompts, lengths, out: np.full(out.mask.shape[0], np.nan, np.float32))
+    assert int(bad["skipped"]) == HP.epochs * HP.mini_batches and int(bad["bad_streak"]) == 1, name
+    eight, _ = _run(name, sharding.make_mesh((2, 2, 2)), 1)
     assert one[0]["score"] == pytest.approx(eight[0]["score"], abs=1e-6)
     assert one[0]["loss"] == pytest.approx(eight[0]["loss"], rel=1e-5, abs=1e-6), name
 
