@@ -16,32 +16,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import rl_timing  # noqa: E402
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--vocab", type=int, default=1024)
-    p.add_argument("--d_model", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--d_ff", type=int, default=256)
-    p.add_argument("--scan_unroll", type=int, default=0,
-                   help="our layer stack: layers per scan iteration, 0 = unrolled (as the *-tiny presets)")
+    rl_timing.add_model_args(p)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--prompt_len", type=int, default=32)
-    p.add_argument("--response_len", type=int, default=32)
     p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--mini_batches", type=int, default=2)
-    p.add_argument("--iters", type=int, default=3, help="timed iterations after one warm-up")
-    p.add_argument("--skip_trl", action="store_true")
-    p.add_argument("--single_thread", action="store_true",
-                   help="one compute thread on both sides (steadier figures on a busy machine)")
     return p.parse_args()
 
 
@@ -50,14 +38,12 @@ def bench_ours(a):
     import numpy as np
     import optax
 
-    from lm.config import ModelConfig
     from lm import sharding
     from lm.model import init_params
     from rl import ppo_step as pt
     from rl import reward
 
-    cfg = ModelConfig(vocab_size=a.vocab, d_model=a.d_model, n_layers=a.layers, n_heads=a.heads, d_ff=a.d_ff,
-                      max_len=a.prompt_len + a.response_len, scan_unroll=a.scan_unroll)
+    cfg = rl_timing.model_config(a)
     hp = pt.PPOConfig(response_length=a.response_len, temperature=0.7, epochs=a.epochs, mini_batches=a.mini_batches)
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     tx = optax.adamw(3e-6, eps=1e-8, weight_decay=0.0)  # TRL: AdamW (Trainer default), lr 3e-6
@@ -70,22 +56,7 @@ def bench_ours(a):
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, a.vocab, size=(a.batch, a.prompt_len)).astype(np.int32)
     lengths = np.full((a.batch,), a.prompt_len, np.int32)
-    gen, total = [], []
-    for i in range(a.iters + 1):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(steps.rollout(state.params, frozen, prompts, lengths,
-                                                  jax.random.fold_in(jax.random.PRNGKey(3), i)))
-        t1 = time.perf_counter()
-        state, metrics = steps.learn(state, frozen, prompts, lengths, out)
-        jax.block_until_ready((state, metrics))
-        t2 = time.perf_counter()
-        if i == 0:
-            print(f"ours: warm-up iteration (with compilation) {t2 - t0:.1f} s")
-            continue
-        gen.append(t1 - t0)
-        total.append(t2 - t0)
-    assert np.isfinite(float(metrics["loss"]))
-    return total, gen
+    return rl_timing.time_ours(steps, state, frozen, prompts, lengths, a.iters)
 
 
 def _tokenizer(vocab: int):
@@ -105,7 +76,7 @@ def bench_trl(a):
     import numpy as np
     import torch
     from datasets import Dataset
-    from transformers import (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, TrainerCallback)
+    from transformers import (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification)
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     import trl
@@ -138,11 +109,6 @@ def bench_trl(a):
         gen_times.append(time.perf_counter() - t0)
         return out
 
-    class StepTimer(TrainerCallback):
-
-        def on_step_end(self, args, state, control, **kw):
-            step_ends.append(time.perf_counter())
-
     trl_ppo.batch_generation = timed_generation
     with tempfile.TemporaryDirectory() as out_dir:
         args = PPOConfig(output_dir=out_dir, per_device_train_batch_size=a.batch, gradient_accumulation_steps=1,
@@ -154,7 +120,7 @@ def bench_trl(a):
                          dataloader_num_workers=0, seed=0)
         trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward_model,
                              value_model=value_model, train_dataset=data, eval_dataset=data,
-                             callbacks=[StepTimer()])
+                             callbacks=[rl_timing.step_timer(step_ends)])
         t_start = time.perf_counter()
         trainer.train()
     trl_ppo.batch_generation = original
@@ -166,28 +132,8 @@ def bench_trl(a):
 
 def main():
     a = parse_args()
-    if a.single_thread:  # must be set before jax is imported
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
-                                   " intra_op_parallelism_threads=1")
-    print(f"model: LLaMA-style d_model={a.d_model} layers={a.layers} heads={a.heads} d_ff={a.d_ff} "
-          f"vocab={a.vocab}; batch={a.batch} prompt={a.prompt_len} response={a.response_len} "
-          f"epochs={a.epochs} mini_batches={a.mini_batches}; {os.cpu_count()} CPU cores"
-          + (", one thread each" if a.single_thread else ""))
-    ours, ours_gen = bench_ours(a)
-    report("ours (JAX)", ours, ours_gen)
-    if a.skip_trl:
-        return
-    theirs, theirs_gen = bench_trl(a)
-    report("TRL PPOTrainer", theirs, theirs_gen)
-    print(f"speed-up: {statistics.median(theirs) / statistics.median(ours):.2f}x on medians, "
-          f"{min(theirs) / min(ours):.2f}x on minima (goal >= 3x)")
+    rl_timing.main(a, f"batch={a.batch} epochs={a.epochs}", bench_ours, bench_trl, "TRL PPOTrainer")
 
-
-def report(name, total, gen):
-    """Median and minimum iteration time (the minimum is the least disturbed by other load) and generation share."""
-    med, gen_share = statistics.median(total), statistics.median(g / t for g, t in zip(gen, total))
-    print(f"{name:16s} {med * 1e3:8.1f} ms / iteration (median; min {min(total) * 1e3:.1f}), "
-          f"generating {gen_share:5.1%}")
 
 if __name__ == "__main__":
     main()
