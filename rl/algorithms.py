@@ -51,8 +51,9 @@ class RLConfig:
         token sums over `response_length` per sequence (Dr. GRPO's constant normaliser).
       clip_high: upper clip epsilon of the ratio, "clip-higher" (DAPO 0.28); 0 = `ppo.clip` (symmetric).
       kl_in: where the KL to the reference goes: "" = the algorithm's own ("loss" for GRPO, else "reward");
-        "reward" (PPO, RLOO, ReMax, REINFORCE++: `-kl_coef * KL` in the reward) or "loss" (GRPO: `kl_coef * aggregate(k3)` added to the loss, not in the advantage; always the
-        k3 estimator there, whose gradient is the KL's, where k1's is zero in expectation).
+        "reward" (PPO, RLOO, ReMax, REINFORCE++: `-kl_coef * KL` in the reward) or "loss" (GRPO:
+        `kl_coef * aggregate(k3)` added to the loss, not in the advantage; always the k3 estimator there, whose
+        gradient is the KL's, where k1's is zero in expectation).
       filter_ties: drop groups whose G rewards are all equal from the loss (DAPO's dynamic sampling, as a
         mask: such a group has zero advantage and only dilutes the token mean; the batch is not refilled).
       dpo_beta: online DPO's beta (DPO 0.1).

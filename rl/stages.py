@@ -159,9 +159,9 @@ def ppo(config, workdir: str, on_iteration: Optional[Callable] = None) -> str:
     tc = config.train
     rows = sharding.data_parallel_size(mesh, rules)
     if tc.batch_size % rows:
-        raise ValueError(f"train.batch_size={tc.batch_size} prompts is not divisible by the {rows} devices a batch is "
-                         f"split over (mesh {dict(mesh.shape)}); with rl.group_size={alg.group_size}, use a multiple of "
-                         f"{rows} prompts")
+        raise ValueError(f"train.batch_size={tc.batch_size} prompts is not divisible by the {rows} devices a batch "
+                         f"is split over (mesh {dict(mesh.shape)}); with rl.group_size={alg.group_size}, use a "
+                         f"multiple of {rows} prompts")
     tx, lr = optim.make_optimizer(config.optim, tc.steps * hp.epochs * hp.mini_batches)
     adapted, base = runs.adapt(config, model_cfg, sft_params, "lm", mesh, rules)
     if base is None:
