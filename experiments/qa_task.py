@@ -358,6 +358,22 @@ def gold_score(prompt: str, response: str) -> float:
     return default_task().gold_score(prompt, response)
 
 
+def fewshot_examples(task: QATask, prompts: Sequence[str], choices: int = 4, seed: int = 0) -> list:
+    """`lm.fewshot.Example`s of the task's prompts: the question, its bare answer, and `choices` candidates (the
+    answer and others of the same relation, seeded per question, in a seeded order)."""
+    from lm.fewshot import Example
+
+    out = []
+    for prompt in prompts:
+        fact = task.fact(prompt)
+        others = sorted({f.answer for f in task.facts if f.relation == fact.relation} - {fact.answer})
+        rng = random.Random(f"{seed}/{prompt}")
+        picked = rng.sample(others, min(choices - 1, len(others))) + [fact.answer]
+        rng.shuffle(picked)
+        out.append(Example(prompt, fact.answer, tuple(picked)))
+    return out
+
+
 def gold_reward(prompts: Sequence[str], completions: Sequence[str], **_) -> list[float]:
     """The labeler as a verifiable RL reward (`--config.rl.reward_fn=experiments.qa_task:gold_reward`), TRL's
     reward-function signature: one score in [0, 1] per completion."""

@@ -3,7 +3,8 @@
 Public API (`lm.X`): `ModelConfig` and `presets` (architectures); `Transformer`, `init_params`,
 `boxed_params`, `abstract_params`, `init_cache`, `count_params`, `default_positions` (the model);
 `generate` and `stream` (KV-cache sampling); `embed` (texts as pooled hidden states; `embedding.zero_shot`);
-`load` (any run directory or Hugging Face directory -> `(config, params, tokenizer)`); `quantize` (weight-only
+`fewshot` (k-shot prompts, log-likelihood and multiple-choice scoring); `load` (any run directory or Hugging
+Face directory -> `(config, params, tokenizer)`); `quantize` (weight-only
 int8/int4/NF4); `peft` (LoRA, QLoRA, prompt and prefix tuning), `quant`, `hf_adapter` (PEFT adapter
 directories); `stages` (`pretrain`, `sft` as `(config, workdir)` functions); `loop` (the one training loop);
 `hf` (checkpoints in and out); `tokenizer` (`tokenizer.load(path)`: any checkpoint's tokenizer, backends in
@@ -18,7 +19,8 @@ How the code is layered (see also docs/architecture.md):
                                                    non-finite streak, preemption
   lm.checkpoint, lm.runs                           orbax checkpoints of any state; run directories and `load`
   lm.stages                                        pretrain and SFT as library functions
-  rl (on top of lm)                                reward model, PPO, DPO: pure math + steps + stages
+  rl (on top of lm)                                reward model, PPO, DPO, the critic-free RL methods:
+                                                   pure math + one RL trainer + stages
   experiments (on top of both)                     launchers (flags -> one stage call), the demo pipeline
 """
 from lm import _lazy
@@ -30,7 +32,7 @@ _ATTRS = {
     "abstract_params": "lm.model", "generate": "lm.generation", "stream": "lm.generation", "load": "lm.runs",
     "quantize": "lm.peft", "embed": "lm.embedding",
 }
-_MODULES = ("checkpoint", "data", "distributed", "embedding", "generation", "hf", "hf_adapter", "kernels",
+_MODULES = ("checkpoint", "data", "distributed", "embedding", "fewshot", "generation", "hf", "hf_adapter", "kernels",
             "logging_utils", "loop", "losses", "model", "optim", "peft", "presets", "quant", "runs", "sampling",
             "sharding", "stages", "tokenizer", "tokenizers", "train_step")
 
