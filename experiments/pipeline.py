@@ -241,15 +241,16 @@ def format_table(report) -> str:
     """The results table printed at the end of the job: one row per policy."""
     g, rm, sec = report["gold"], report.get("reward_score", {}), report.get("stage_seconds", {})
     names = list(g)
+    w = max(len(n) for n in names + ["method"])
     lines = [f"reward model held-out pairwise accuracy  {report['reward_model']['heldout_accuracy']:.3f}  "
              f"({report['reward_model']['heldout_pairs']} pairs, {report['reward_model']['heldout_prompts']} prompts)",
              f"{report['eval_prompts']} held-out prompts; gold = the labeler's score (mean +- s.e.), win rate vs SFT "
              "(ties half), KL to SFT (nats/response), reward-model score, stage wall time:",
-             f"  {'method':10s} {'gold':>15s} {'win':>6s} {'KL':>6s} {'RM':>6s} {'wall s':>7s}  correct complete"]
+             f"  {'method':{w}s} {'gold':>15s} {'win':>6s} {'KL':>6s} {'RM':>6s} {'wall s':>7s}  correct complete"]
     for name in names:
         win = report.get(f"{name}_vs_sft_win_rate")
         kl = report[name]["kl"] if name in report and "kl" in report[name] else 0.0
-        lines.append(f"  {name.upper():10s} {g[name]['mean']:7.3f} +- {g[name]['stderr']:.3f} "
+        lines.append(f"  {name.upper():{w}s} {g[name]['mean']:7.3f} +- {g[name]['stderr']:.3f} "
                      f"{'' if win is None else f'{win:.3f}':>6s} {kl:6.2f} "
                      f"{rm[name]['mean'] if name in rm else float('nan'):6.2f} {sec.get(name, float('nan')):7.0f}  "
                      f"{g[name]['correct']:.2f}    {g[name]['complete']:.2f}")
