@@ -140,16 +140,7 @@ def bench_trl(a):
         trainer = GRPOTrainer(model=os.path.join(tmp, "policy"), reward_funcs=reward_model, args=args,
                               train_dataset=data, processing_class=tok, reward_processing_classes=tok,
                               callbacks=[rl_timing.step_timer(step_ends)])
-        policy = trainer.model
-        generate = policy.generate
-
-        def timed_generate(*args, **kwargs):
-            t0 = time.perf_counter()
-            out = generate(*args, **kwargs)
-            gen_times.append(time.perf_counter() - t0)
-            return out
-
-        policy.generate = timed_generate
+        trainer.model.generate = rl_timing.timed(trainer.model.generate, gen_times)
         t_start = time.perf_counter()
         trainer.train()
     assert len(step_ends) == (a.iters + 1) * per_iter_steps and len(gen_times) == a.iters + 1, \

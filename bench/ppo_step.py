@@ -102,14 +102,7 @@ def bench_trl(a):
 
     gen_times, step_ends = [], []
     original = trl_ppo.batch_generation
-
-    def timed_generation(*args, **kwargs):
-        t0 = time.perf_counter()
-        out = original(*args, **kwargs)
-        gen_times.append(time.perf_counter() - t0)
-        return out
-
-    trl_ppo.batch_generation = timed_generation
+    trl_ppo.batch_generation = rl_timing.timed(original, gen_times)
     with tempfile.TemporaryDirectory() as out_dir:
         args = PPOConfig(output_dir=out_dir, per_device_train_batch_size=a.batch, gradient_accumulation_steps=1,
                          local_rollout_forward_batch_size=a.batch, num_mini_batches=a.mini_batches,

@@ -54,6 +54,16 @@ def time_ours(steps, state, frozen, prompts, lengths, iters: int):
     return total, gen
 
 
+def timed(fn, times: list):
+    """`fn` wrapped to append the seconds of each call to `times` (TRL's generation)."""
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        times.append(time.perf_counter() - t0)
+        return out
+    return wrapper
+
+
 def step_timer(ends: list):
     """A transformers TrainerCallback appending the time of every trainer step's end to `ends`."""
     from transformers import TrainerCallback

@@ -366,7 +366,9 @@ def make_experience(cfg, hp: PPOConfig, params, frozen, prompt_tokens, prompt_le
     metrics.update({"score": scores.mean(), "kl": kl.sum(-1).mean(), "kl_coef": jnp.asarray(kl_coef, jnp.float32),
                     "reward": seq_rewards.mean(), "response_length": n.mean(), "eos_fraction": eos.mean(),
                     "sampler_logprob_gap": ppo.masked_mean(jnp.abs(out.logprobs - old_logp), mask)})
-    finite = jnp.isfinite(seq_rewards).all() & jnp.isfinite(exp.get("advantages", exp["weights"])).all()
+    finite = jnp.isfinite(seq_rewards).all()
+    if "advantages" in exp:  # the supervised methods (best-of-n, online DPO) have none
+        finite &= jnp.isfinite(exp["advantages"]).all()
     return exp, metrics, finite
 
 
@@ -589,6 +591,9 @@ def make_steps(cfg, hp: PPOConfig, tx, shardings, frozen_shardings, mesh: Mesh, 
         return traced
 
     roles = _roles(cfg)
+    if roles.has_critic != alg.critic:
+        raise ValueError(f"rl: Roles(has_critic={roles.has_critic}) does not match algorithm {alg.algorithm!r}, which "
+                         f"{'trains' if alg.critic else 'has no'} critic")
 
     def do_sample(params, frozen, prompt_tokens, prompt_lengths, rng, temperature):
         return sample(roles.cfg, roles.actor(params, frozen), prompt_tokens, prompt_lengths, rng,

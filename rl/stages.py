@@ -157,11 +157,7 @@ def ppo(config, workdir: str, on_iteration: Optional[Callable] = None) -> str:
     model_cfg, sft_params, tok = runs.start(config, workdir, needs="(SFT): actor and reference")
     mesh, rules = loop.mesh_and_rules(config)
     tc = config.train
-    rows = sharding.data_parallel_size(mesh, rules)
-    if tc.batch_size % rows:
-        raise ValueError(f"train.batch_size={tc.batch_size} prompts is not divisible by the {rows} devices a batch "
-                         f"is split over (mesh {dict(mesh.shape)}); with rl.group_size={alg.group_size}, use a "
-                         f"multiple of {rows} prompts")
+    sharding.check_batch(tc.batch_size, 1, mesh, rules)  # prompts per iteration, split over the batch axes
     tx, lr = optim.make_optimizer(config.optim, tc.steps * hp.epochs * hp.mini_batches)
     adapted, base = runs.adapt(config, model_cfg, sft_params, "lm", mesh, rules)
     if base is None:
