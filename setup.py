@@ -38,10 +38,14 @@ setup(
             "torch==2.13.0",
             "transformers>=4.57,<6",
             "peft>=0.13",  # reference loader of PEFT adapter directories (tests/lm/test_hf_adapter.py)
+            "lm_eval==0.4.13",  # the `eval` extra, so CI runs tests/lm/test_eval_harness.py
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6.29",
         ],
+        # lm-evaluation-harness task suites on any checkpoint (lm.eval_harness, experiments/lm_eval.py); pinned:
+        # the adapter extends its TemplateLM and uses its generation helpers, internals that move between releases.
+        "eval": ["lm_eval==0.4.13"],
         # Peers the benchmarks compare against (bench/ppo_step.py needs TRL's PPOTrainer, gone after 0.29).
         "bench": ["trl==0.29.1"],
     },

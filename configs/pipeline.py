@@ -3,7 +3,7 @@
 
 Stages, each in `DIR/<stage>` and skipped when already done: tokenizer -> pretrain -> sft -> samples (K
 responses per prompt from the SFT model, ranked by the labeler) -> reward -> ppo, dpo and the `methods`
-(GRPO, RLOO, best-of-n by default; ReMax, REINFORCE++, online DPO by flag) -> eval. The `pretrain`, `sft`,
+(PPO-ptx, GRPO, RLOO, best-of-n by default; ReMax, REINFORCE++, online DPO by flag) -> eval. The `pretrain`, `sft`,
 `reward`, `ppo` and `dpo` sections are those stages' own configs (configs/<stage>.py) with the pipeline's
 choices applied, each method's a copy of `ppo` running its algorithm; the pipeline fills in their data paths
 and `init_from` links.
@@ -48,6 +48,10 @@ def evaluation(temperature: float, max_new_tokens: int):
     c.batch_size = 128  # prompts per generation / scoring call
     c.seq_len = 64  # tokens of prompt + response + eos when scoring (longer is an error)
     c.examples = 5  # held-out prompts whose SFT / PPO / DPO answers the table prints
+    # The alignment tax (lm.fewshot): 0- and k-shot multiple choice over the held-out facts for the pretrained model
+    # and every policy, and their perplexity on the pretraining text's held-out documents.
+    c.fewshot_k = 1  # demonstrations per prompt (3-shot is at chance for every model, 5-shot overflows max_len 128)
+    c.fewshot_choices = 4  # candidate answers per question: its own and others of the same relation
     c.seed = 1234  # sampling seed, the same for every policy
     return c
 
@@ -67,8 +71,9 @@ def _lora(stage, lr: float):
     return c
 
 
-# The RL methods beside PPO and DPO, each a stage whose config is PPO's with `rl.algorithm` set (rl.algorithms).
-RL_METHODS = ("grpo", "rloo", "remax", "reinforce_pp", "best_of_n", "online_dpo")
+# The RL methods beside PPO and DPO, each a stage whose config is PPO's with `rl.algorithm` set (rl.algorithms), or
+# PPO itself with the pretraining loss mixed in (PPO-ptx).
+RL_METHODS = ("ppo_ptx", "grpo", "rloo", "remax", "reinforce_pp", "best_of_n", "online_dpo")
 
 
 def _method(ppo_stage, algorithm: str, group_size: int, **recipe):
@@ -99,8 +104,10 @@ def get_config(preset: str = "tiny"):
     c.pretrain.train.batch_size = 32
     c.pretrain.data.seq_len = 64
     c.pretrain.optim.lr = 3e-3
-    c.pretrain.train.eval_every = 0  # the corpus is the knowledge itself: no held-out text
-    c.pretrain.data.eval_fraction = 0.0
+    c.pretrain.train.eval_every = 0  # the eval stage measures held-out perplexity, of every model
+    # 5% of the documents held out (each fact is stated in 2-4 phrasings, so none is lost): the pretraining text
+    # whose perplexity measures the alignment tax; PPO-ptx mixes in the rest.
+    c.pretrain.data.eval_fraction = 0.05
 
     c.sft = sft.get_config("tiny")
     c.sft.train.steps = 100  # ~5 epochs of the ~600 demonstrations; more overfits the tiny model
@@ -138,7 +145,10 @@ def get_config(preset: str = "tiny"):
     # keep PPO's KL in the reward; best-of-n trains on the best of 4 (a quarter of the rollouts) in one pass, as
     # rejection-sampling fine-tuning does (4 epochs over those 8 samples an iteration drifted to a KL of 8.1 nats
     # for a gold score of 0.349; one pass: KL 1.8, gold 0.505).
-    c.methods = "grpo,rloo,best_of_n"  # which of RL_METHODS run (comma-separated; "" = only PPO and DPO)
+    c.methods = "ppo_ptx,grpo,rloo,best_of_n"  # which of RL_METHODS run (comma-separated; "" = only PPO and DPO)
+    # PPO-ptx (InstructGPT): PPO plus ptx_coef x the next-token loss on pretraining text, 8 rows of 64 tokens an
+    # iteration; the pipeline points it at the pretraining stage's text and held-out split.
+    c.ppo_ptx = _method(c.ppo, "ppo", 1, ppo__ptx_coef=1.0)
     c.grpo = _method(c.ppo, "grpo", 4, ppo__kl_coef=0.04)
     c.rloo = _method(c.ppo, "rloo", 4)
     c.remax = _method(c.ppo, "remax", 1)

@@ -55,6 +55,7 @@ def ptx(seq_len: int, batch_size: int):
     c.objective = "causal"  # "causal" or "glm", as the model was pretrained
     c.seq_len = seq_len  # tokens per pretraining row
     c.batch_size = batch_size  # pretraining rows per iteration, split over the mini-batches
+    c.eval_fraction = 0.05  # documents held out as in pretraining (data.eval_fraction there): ptx trains on the rest
     c.cache_dir = ""  # prepared datasets; "" = $LM_DATA_CACHE or ~/.cache/chatgpt-jax/tfds
     return c
 

@@ -32,7 +32,7 @@ def main(argv):
     task = qa.default_task()
     files = qa.data_files(_DATA_DIR.value)
     examples = qa.fewshot_examples(task, qa.read_prompts(files[_SPLIT.value]), _CHOICES.value)
-    pool = [fewshot.Example(p, task.fact(p).answer) for p in qa.read_prompts(files["sft"])]
+    pool = qa.fewshot_pool(task, qa.read_prompts(files["sft"]))
     chance = sum(1 / len(ex.choices) for ex in examples) / len(examples)
     results = {}
     for path in _CHECKPOINT.value:

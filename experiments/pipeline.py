@@ -11,11 +11,14 @@ mid-run resumes from its checkpoint):
              in for human labelers: preference data for training (`rl` prompts) and held-out (`rm_eval`).
   reward     reward model on the ranked samples (InstructGPT's K-wise loss).
   ppo, dpo   the SFT policy optimised against the reward model (PPO) and on the preferences (DPO).
-  grpo, rloo, best_of_n (remax, reinforce_pp, online_dpo)  the other RL methods against the same reward model,
-             on PPO's rollout budget (`--config.methods`, configs/pipeline.py).
+  ppo_ptx, grpo, rloo, best_of_n (remax, reinforce_pp, online_dpo)  PPO-ptx (PPO plus the pretraining loss) and
+             the other RL methods against the same reward model, on PPO's rollout budget (`--config.methods`,
+             configs/pipeline.py).
   sft_lora, ppo_lora  with `--config.peft_rows=True`: LoRA-SFT (from pretrain) and LoRA-PPO (from sft).
   eval       reward-model held-out pairwise accuracy; for every policy on the held-out prompts: the labeler's
-             (gold) score, win rate against SFT, KL to the SFT reference, reward-model score; sample answers.
+             (gold) score, win rate against SFT, KL to the SFT reference, reward-model score; sample answers;
+             the alignment tax: 0- and k-shot multiple-choice accuracy over the held-out facts and perplexity
+             on the pretraining text's held-out documents, for the pretrained model and every policy.
 Writes `DIR/report.json`, `DIR/curves.png` (each RL run's reward-model score, KL and gold score by iteration),
 `DIR/frontier.png` (gold score against KL) and prints the comparison table.
 """
@@ -36,7 +39,7 @@ import experiments
 import lm
 from configs.pipeline import RL_METHODS
 from experiments import qa_task as qa
-from lm import peft, runs
+from lm import data, fewshot, peft, runs
 from lm import stages as lm_stages
 from lm.tokenizer import Tokenizer
 from rl import evaluate, reward
@@ -151,11 +154,32 @@ def _evaluate(config, workdir, dirs, files, task):
     curves = {name: _curves(dirs[name]) for name in names if name in SAMPLING}
     for name, c in curves.items():
         report[name]["final_train_kl"] = c["kl"][-1] if c["kl"] else None
+    report["fewshot"] = _alignment_tax(config, dirs, files, task, ("pretrain",) + names)
     _plot(curves, os.path.join(workdir, "curves.png"))
     _plot_frontier(curves, report, os.path.join(workdir, "frontier.png"))
     if config.peft_rows:
         report["peft"] = {name: _adaptation(dirs[name]) for name in ("sft", "ppo") + PEFT_STAGES}
     return report
+
+
+def _alignment_tax(config, dirs, files, task, names) -> dict:
+    """`{name: {"0shot", "kshot", "k", "perplexity"}}`: multiple-choice accuracy over the held-out facts with 0 and
+    k demonstrations (lm.fewshot), and perplexity on the held-out pretraining documents, of each model."""
+    e, p = config.eval, config.pretrain.data
+    examples = qa.fewshot_examples(task, qa.read_prompts(files["eval"]), e.fewshot_choices)
+    pool = qa.fewshot_pool(task, qa.read_prompts(files["sft"]))
+    prompts = {k: fewshot.kshot_prompts(examples, pool, k, seed=e.seed) for k in (0, e.fewshot_k)}
+    out = {}
+    for name in names:
+        cfg, params, tok = lm.load(dirs[name])
+        acc = {k: fewshot.multiple_choice(cfg, params, tok, prompts[k], examples, batch_size=e.batch_size)["accuracy"]
+               for k in prompts}
+        heldout = data.pretrain_dataset(files["pretrain"], tok, split="eval", seq_len=p.seq_len,
+                                        batch_size=e.batch_size, seed=0, num_epochs=1, eval_fraction=p.eval_fraction,
+                                        cache_dir=os.path.join(os.path.dirname(dirs[name]), "data_cache"))
+        out[name] = {"0shot": acc[0], "kshot": acc[e.fewshot_k], "k": e.fewshot_k,
+                     "perplexity": fewshot.perplexity(cfg, params, heldout)["perplexity"], "questions": len(examples)}
+    return out
 
 
 def _adaptation(run_dir):
@@ -261,6 +285,14 @@ def format_table(report) -> str:
         full, p = name.split("_")[0], report["peft"]
         lines.append(f"  {name.upper()} trains {100 * p[name]['trainable_fraction']:.1f}% of the parameters, "
                      f"{p[name]['step_seconds']:.3f} s/step ({full.upper()}: {p[full]['step_seconds']:.3f})")
+    if "fewshot" in report:
+        f = report["fewshot"]
+        first = next(iter(f.values()))
+        lines.append(f"alignment tax: multiple choice over {first['questions']} held-out facts (0-shot, "
+                     f"{first['k']}-shot), perplexity of the held-out pretraining documents:")
+        lines.append(f"  {'model':{w}s} {'0-shot':>7s} {str(first['k']) + '-shot':>7s} {'perplexity':>10s}")
+        for name, r in f.items():
+            lines.append(f"  {name.upper():{w}s} {r['0shot']:7.3f} {r['kshot']:7.3f} {r['perplexity']:10.3f}")
     shown = [n for n in ("sft", "ppo", "dpo") if n in names]
     lines.append(f"sample answers ({' | '.join(n.upper() for n in shown)}):")
     for ex in report["examples"]:
@@ -291,6 +323,8 @@ def stage_configs(config, workdir):
             c.data.cache_dir = cache
         if name in SAMPLING:
             c.reward_from = dirs["reward"]
+        if "ptx" in c and c.ppo.ptx_coef > 0:  # PPO-ptx mixes in the pretraining text the held-out split leaves
+            c.ptx.path, c.ptx.eval_fraction, c.ptx.cache_dir = files["pretrain"], config.pretrain.data.eval_fraction, cache
         out[name] = c
     return files, dirs, tok, out
 

@@ -374,6 +374,13 @@ def fewshot_examples(task: QATask, prompts: Sequence[str], choices: int = 4, see
     return out
 
 
+def fewshot_pool(task: QATask, prompts: Sequence[str]) -> list:
+    """Solved demonstrations for k-shot prompts: each prompt with its fact's bare answer."""
+    from lm.fewshot import Example
+
+    return [Example(p, task.fact(p).answer) for p in prompts]
+
+
 def gold_reward(prompts: Sequence[str], completions: Sequence[str], **_) -> list[float]:
     """The labeler as a verifiable RL reward (`--config.rl.reward_fn=experiments.qa_task:gold_reward`), TRL's
     reward-function signature: one score in [0, 1] per completion."""

@@ -3,7 +3,8 @@
 Public API (`lm.X`): `ModelConfig` and `presets` (architectures); `Transformer`, `init_params`,
 `boxed_params`, `abstract_params`, `init_cache`, `count_params`, `default_positions` (the model);
 `generate` and `stream` (KV-cache sampling); `embed` (texts as pooled hidden states; `embedding.zero_shot`);
-`fewshot` (k-shot prompts, log-likelihood and multiple-choice scoring); `load` (any run directory or Hugging
+`fewshot` (k-shot prompts, log-likelihood and multiple-choice scoring; `lm.eval_harness`, imported explicitly,
+runs lm-eval's task suites and needs the optional `eval` extra); `load` (any run directory or Hugging
 Face directory -> `(config, params, tokenizer)`); `quantize` (weight-only
 int8/int4/NF4); `peft` (LoRA, QLoRA, prompt and prefix tuning), `quant`, `hf_adapter` (PEFT adapter
 directories); `stages` (`pretrain`, `sft` as `(config, workdir)` functions); `loop` (the one training loop);

@@ -6,6 +6,11 @@ in `jax.jit` with its own shardings. Prompts are right-padded `[B, P]` with per-
 loop is one `lax.while_loop` (no Python loop and no host sync per token) that stops when every row has
 emitted `eos_id` or `max_new_tokens` tokens.
 
+On CPU the decode loop reads per-layer copies of the block weights and per-layer cache arrays
+(`unstack=None` picks this by backend): XLA:CPU copies a layer's slice out of a stacked array before each
+matmul, at every step, while GPU and TPU read such slices in place (and the stack costs no second copy of the
+weights there).
+
 Log-prob convention (PPO): `logprobs[b, t]` is the log-probability of the sampled token under the
 temperature-scaled distribution *before* top-k/top-p, `log_softmax(logits / temperature)` (TRL's choice,
 so they match log-probs recomputed by a plain forward pass at that temperature). `filtered_logprobs=True`
@@ -23,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm.config import ModelConfig
-from lm.model import Transformer, init_cache
+from lm.model import Transformer, init_cache, unstack_cache, unstack_layers
 from lm.sampling import apply_temperature, top_k_filter, top_p_filter
 
 MIN_BUCKET = 16
@@ -85,11 +90,23 @@ def _choose(logits, key, temperature, top_k, top_p, filtered_logprobs):
     return token, _log_prob(filtered if filtered_logprobs else scaled, token)
 
 
+def unstacked_by_default() -> bool:
+    """Whether decoding unstacks the layers when not told (see the module docstring): on CPU."""
+    return jax.default_backend() == "cpu"
+
+
+def _decode_layout(params, cache, unstack: Optional[bool]):
+    """`(params, cache)` as the decode loop reads them: per layer (`lm.model.unstack_layers`) or as given."""
+    if unstack is None:
+        unstack = unstacked_by_default()
+    return (unstack_layers(params), unstack_cache(cache)) if unstack else (params, cache)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id",
-                                             "pad_id", "filtered_logprobs"))
+                                             "pad_id", "filtered_logprobs", "unstack"))
 def sample(cfg: ModelConfig, params, prompt_tokens, prompt_lengths, rng, *, max_new_tokens: int,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: Optional[int] = None,
-           pad_id: int = 0, filtered_logprobs: bool = False) -> SampleOutput:
+           pad_id: int = 0, filtered_logprobs: bool = False, unstack: Optional[bool] = None) -> SampleOutput:
     """Sample `max_new_tokens` continuations of right-padded prompts with a KV cache.
 
     Args:
@@ -99,6 +116,7 @@ def sample(cfg: ModelConfig, params, prompt_tokens, prompt_lengths, rng, *, max_
       max_new_tokens: N, tokens generated per row. temperature: 0 is greedy. top_k: 0 disables.
       top_p: 1.0 disables. eos_id: a row stops after emitting it (None: never). pad_id: fills finished rows.
       filtered_logprobs: report log-probs under the top-k/top-p-truncated distribution (default: before it).
+      unstack: decode with per-layer weights and cache arrays (None: on CPU only; the tokens are the same).
 
     The prompt is prefilled into a cache of length `P + N`; for `cfg.mask == "prefix"` (GLM) it is the
     bidirectional prefix (`prefix_len = prompt_lengths`) and positions follow `default_positions`. The decode
@@ -125,10 +143,11 @@ def sample(cfg: ModelConfig, params, prompt_tokens, prompt_lengths, rng, *, max_
     # Prefill; its logits are unused (and so never computed under jit): the loop re-feeds the last token.
     _, cache = model.apply(variables, prompt_tokens.astype(jnp.int32), prefix_len=prefix_len,
                            cache=init_cache(cfg, b, p + n))
+    decode_params, cache = _decode_layout(params, cache, unstack)
 
     def body(state):
         t, token, cache, done, out_tokens, out_logprobs, out_mask = state
-        logits, cache = model.apply(variables, token[:, None], prefix_len=prefix_len, cache=cache,
+        logits, cache = model.apply({"params": decode_params}, token[:, None], prefix_len=prefix_len, cache=cache,
                                     decode_index=lengths - 1 + t)
         new, logp = _choose(logits[:, 0], jax.random.fold_in(rng, t), temperature, top_k, top_p,
                             filtered_logprobs)
@@ -182,10 +201,11 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
 def _prefill(cfg: ModelConfig, params, tokens, prefix_len, *, cache_len: int):
-    """KV cache `[L, B, cache_len, ...]` holding right-padded prompts `tokens [B, W]` (W <= cache_len)."""
+    """KV cache `[L, B, Hkv, cache_len, D]` holding right-padded prompts `tokens [B, W]` (W <= cache_len), in the
+    decode layout (`_decode_layout`)."""
     _, cache = Transformer(cfg).apply({"params": params}, tokens, prefix_len=prefix_len,
                                       cache=init_cache(cfg, tokens.shape[0], cache_len))
-    return cache
+    return _decode_layout(params, cache, None)[1]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "steps", "temperature", "top_k", "top_p", "eos_id"),
@@ -226,6 +246,7 @@ def stream(cfg: ModelConfig, params, prompt: Sequence[int], *, max_new_tokens: i
     tokens, _ = pad_prompts([prompt], width)
     prefix_len = jnp.asarray([n], jnp.int32) if cfg.mask == "prefix" else None
     cache = _prefill(cfg, params, jnp.asarray(tokens), prefix_len, cache_len=limit)
+    params = unstack_layers(params) if unstacked_by_default() else params  # as `_prefill` left the cache
     token, index = jnp.asarray([prompt[-1]], jnp.int32), jnp.asarray([n - 1], jnp.int32)
     left = max_new_tokens
     for c in range(room // chunk):

@@ -17,7 +17,10 @@ import numpy as np
 from lm import kernels, quant, sharding
 from lm.config import GLOBAL_WINDOW, QUANT_TARGETS, ModelConfig
 
-Cache = dict  # {"k": [L, B, S, Hkv, D], "v": [L, B, S, Hkv, D]}
+# KV cache: {"k": [L, B, Hkv, S, D], "v": [L, B, Hkv, S, D]} with the layers stacked (`init_cache`), or with
+# tuples of L arrays [B, Hkv, S, D] (`unstack_cache`, the decode layout on CPU: see lm.generation). Heads come
+# before positions so single-token attention is a batched matmul over the cache as it lies, with no transpose.
+Cache = dict
 # Adapters (LoRA, soft prompts, prefixes) are few and trained on a frozen base: always stored in float32.
 ADAPTER_DTYPE = jnp.float32
 
@@ -201,21 +204,24 @@ class Attention(nn.Module):
 
         new_cache = None
         if layer_cache is not None and ctx["decode_index"] is not None:
-            # Decode: one token per row. The whole stacked cache [L, B, S, Hkv, D] is carried through the layers
-            # (`_CachedBlock`), so row b's token is written in place at [layer, b, decode_index[b]] and only
-            # this layer's slice is read; no per-layer copies of the cache.
-            idx, layer = ctx["decode_index"], layer_cache["layer"]
-            rows = jnp.arange(idx.shape[0])
-            new_cache = {n: layer_cache[n].at[layer, rows, idx].set(t[:, 0].astype(layer_cache[n].dtype))
+            # Decode: one token per row, written in place at [b, :, decode_index[b]] of this layer's cache. With
+            # `layer` the cache is the whole stack [L, B, Hkv, S, D], carried through the layers (`_CachedBlock`)
+            # so that only this layer's slice is written and read; without it, this layer's own array.
+            idx, layer = ctx["decode_index"], layer_cache.get("layer")
+            at = (jnp.arange(idx.shape[0]), slice(None), idx)
+            at = at if layer is None else (layer,) + at
+            new_cache = {n: layer_cache[n].at[at].set(t[:, 0].astype(layer_cache[n].dtype))
                          for n, t in (("k", k), ("v", v))}
-            out = kernels.decode_attention(q[:, 0], new_cache["k"][layer].astype(q.dtype),
-                                           new_cache["v"][layer].astype(q.dtype), idx + 1, **causal_kw)[:, None]
-            new_cache["layer"] = layer
+            kv = [c if layer is None else c[layer] for c in (new_cache["k"], new_cache["v"])]
+            out = kernels.decode_attention(q[:, 0], kv[0].astype(q.dtype), kv[1].astype(q.dtype), idx + 1,
+                                           **causal_kw)[:, None]
+            if layer is not None:
+                new_cache["layer"] = layer
         else:
             if layer_cache is not None:  # prefill: the prompt's keys/values fill the start of the cache
-                new_cache = {n: jax.lax.dynamic_update_slice_in_dim(layer_cache[n], t.astype(layer_cache[n].dtype),
-                                                                    0, axis=1)
-                             for n, t in (("k", k), ("v", v))}
+                new_cache = {n: jax.lax.dynamic_update_slice_in_dim(
+                    layer_cache[n], jnp.swapaxes(t, 1, 2).astype(layer_cache[n].dtype), 0, axis=2)
+                    for n, t in (("k", k), ("v", v))}
             out = kernels.flash_attention(q, k, v, causal=True, prefix_len=ctx["prefix_len"],
                                           segment_ids=ctx["segment_ids"], **causal_kw)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
@@ -371,7 +377,18 @@ class Transformer(nn.Module):
                                  metadata_params={nn.PARTITION_NAME: "layers"})
         windows = cfg.layer_windows()
         windows = None if windows is None else jnp.asarray(windows, jnp.int32)  # [n_layers]
-        if cache is not None and decode_index is not None:
+        if decoding and isinstance(cache["k"], (tuple, list)):
+            # Unstacked (`unstack_layers`, `unstack_cache`): one block per layer, each with its own parameters and
+            # cache arrays, none of them sliced out of a stack at every step.
+            ks, vs = [], []
+            for i in range(cfg.n_layers):
+                layer = {"cache": {"k": cache["k"][i], "v": cache["v"][i]},
+                         "window": None if windows is None else windows[i]}
+                x, c = Block(cfg, name=f"{UNSTACKED}{i}")(x, layer, ctx)
+                ks.append(c["k"])
+                vs.append(c["v"])
+            new_cache = {"k": tuple(ks), "v": tuple(vs)}
+        elif decoding:
             # Carrying the cache (not scanning over it) lets XLA update it in place at every decode step.
             layers = {"index": jnp.arange(cfg.n_layers), "window": windows}
             (x, new_cache), _ = scan(_CachedBlock)(cfg, name="layers")((x, cache), layers, ctx)
@@ -407,10 +424,28 @@ def dropout_rngs(cfg: ModelConfig, rng) -> Optional[dict]:
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: Optional[int] = None, dtype=None) -> Cache:
-    """Zeroed KV cache `{"k", "v"}: [n_layers, B, max_len + virtual tokens, n_kv_heads, head_dim]`."""
-    shape = (cfg.n_layers, batch, (max_len or cfg.max_len) + cfg.virtual_tokens, cfg.kv_heads, cfg.dim_per_head)
+    """Zeroed KV cache `{"k", "v"}: [n_layers, B, n_kv_heads, max_len + virtual tokens, head_dim]`."""
+    shape = (cfg.n_layers, batch, cfg.kv_heads, (max_len or cfg.max_len) + cfg.virtual_tokens, cfg.dim_per_head)
     dtype = dtype or cfg.compute_dtype
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+UNSTACKED = "layer_"  # parameter scope of layer i in unstacked parameters: f"layer_{i}"
+
+
+def unstack_layers(params) -> dict:
+    """Parameters with the scanned block stack `layers` (every leaf `[L, ...]`) split into `layer_0` ...
+    `layer_{L-1}`: what a decode step with an unstacked cache reads. A copy of the block weights."""
+    stack = params["layers"]
+    n = jax.tree.leaves(stack)[0].shape[0]
+    out = {k: v for k, v in params.items() if k != "layers"}
+    out.update({f"{UNSTACKED}{i}": jax.tree.map(lambda a, i=i: a[i], stack) for i in range(n)})
+    return out
+
+
+def unstack_cache(cache: Cache) -> Cache:
+    """A stacked cache `[L, B, Hkv, S, D]` as tuples of L arrays `[B, Hkv, S, D]`."""
+    return {n: tuple(cache[n][i] for i in range(cache[n].shape[0])) for n in ("k", "v")}
 
 
 def boxed_params(cfg: ModelConfig, rng, head: str = "lm", batch: int = 1, length: int = 8):

@@ -181,8 +181,8 @@ def ppo(config, workdir: str, on_iteration: Optional[Callable] = None) -> str:
         p = config.ptx
         ptx = data.pretrain_dataset(p.path, tok, seq_len=p.seq_len, seed=config.seed, objective=p.objective,
                                     batch_size=runs.local_batch_size(config, p.batch_size, "ptx.batch_size"),
-                                    cache_dir=p.cache_dir or None, process_index=jax.process_index(),
-                                    process_count=n)
+                                    cache_dir=p.cache_dir or None, eval_fraction=p.eval_fraction,
+                                    process_index=jax.process_index(), process_count=n)
         batches = grain.experimental.ZipIterDataset([batches, ptx])
 
     def fresh():

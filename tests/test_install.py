@@ -1,12 +1,12 @@
 """What `pip install -e .` installs is everything a research script imports, from any directory; `import lm`
-stays light (flax, orbax, grain and tfds load when first used)."""
+stays light (flax, orbax, grain and tfds load when first used; the optional lm-eval only with lm.eval_harness)."""
 import subprocess
 import sys
 
 SCRIPT = """
 import sys
 import lm, rl
-heavy = sorted(m for m in ("flax", "orbax", "grain", "tensorflow_datasets", "optax") if m in sys.modules)
+heavy = sorted(m for m in ("flax", "orbax", "grain", "tensorflow_datasets", "optax", "lm_eval") if m in sys.modules)
 assert not heavy, f"import lm pulled in {heavy}"
 import configs.pipeline, experiments.pipeline, experiments.qa_task
 from lm import stages, loop, runs

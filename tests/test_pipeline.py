@@ -9,8 +9,10 @@ from experiments import qa_task as qa
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ("reward_model.heldout_accuracy", "gold.sft.mean", "gold.sft.stderr", "gold.ppo.mean", "gold.ppo.stderr",
-        "gold.dpo.mean", "gold.dpo.stderr", "ppo.kl", "ppo_vs_sft_win_rate", "gold.grpo.mean", "grpo.kl",
-        "grpo_vs_sft_win_rate", "reward_score.sft.mean", "reward_score.grpo.mean", "stage_seconds.grpo")
+        "gold.dpo.mean", "gold.dpo.stderr", "ppo.kl", "ppo_vs_sft_win_rate", "gold.ppo_ptx.mean", "ppo_ptx.kl",
+        "ppo_ptx_vs_sft_win_rate", "reward_score.sft.mean", "reward_score.ppo_ptx.mean", "stage_seconds.ppo_ptx",
+        "fewshot.pretrain.0shot", "fewshot.pretrain.kshot", "fewshot.pretrain.perplexity", "fewshot.ppo_ptx.0shot",
+        "fewshot.ppo_ptx.perplexity", "fewshot.dpo.kshot")
 SHORT = {  # a 1-layer model, a few steps per stage
     "tokenizer.vocab_size": 400,
     "pretrain.model.overrides.d_model": 32, "pretrain.model.overrides.n_layers": 1,
@@ -23,9 +25,11 @@ SHORT = {  # a 1-layer model, a few steps per stage
     "ppo.train.steps": 2, "ppo.train.batch_size": 4, "ppo.ppo.response_length": 6, "ppo.ppo.epochs": 1,
     "ppo.ppo.mini_batches": 1,
     "ppo.data.prompt_len": 64,
-    "methods": "grpo",  # one of the other RL methods (they share the stage and trainer; tests/rl covers each)
-    "grpo.train.steps": 2, "grpo.train.batch_size": 1, "grpo.ppo.response_length": 6, "grpo.ppo.epochs": 1,
-    "grpo.ppo.mini_batches": 1, "grpo.data.prompt_len": 64,
+    # One of the other RL methods (they share the stage and trainer; tests/rl covers each): PPO-ptx, whose
+    # pretraining batches the pipeline wires to the pretraining text's training split.
+    "methods": "ppo_ptx",
+    "ppo_ptx.train.steps": 2, "ppo_ptx.train.batch_size": 4, "ppo_ptx.ppo.response_length": 6,
+    "ppo_ptx.ppo.epochs": 1, "ppo_ptx.ppo.mini_batches": 1, "ppo_ptx.data.prompt_len": 64, "ppo_ptx.ptx.batch_size": 4,
     "dpo.train.steps": 2, "dpo.train.batch_size": 4, "dpo.data.k": 3, "dpo.data.seq_len": 96,
     "eval.max_new_tokens": 6, "eval.batch_size": 16, "eval.seq_len": 128,
 }
@@ -80,7 +84,11 @@ def test_short_pipeline_writes_the_report_and_resumes(tmp_path):
     assert report["reward_model"]["heldout_pairs"] == 3 * len(qa.read_prompts(files["rm_eval"]))
     assert report["eval_prompts"] == len(qa.read_prompts(files["eval"]))
     assert (workdir / "curves.png").stat().st_size > 0 and (workdir / "frontier.png").stat().st_size > 0
-    assert list(report["gold"]) == ["sft", "ppo", "grpo", "dpo"]
+    assert list(report["gold"]) == ["sft", "ppo", "ppo_ptx", "dpo"]
+    assert list(report["fewshot"]) == ["pretrain", "sft", "ppo", "ppo_ptx", "dpo"]
+    assert all(r["k"] == 1 and r["perplexity"] > 1.0 for r in report["fewshot"].values())
+    logged = [json.loads(line) for line in open(workdir / "ppo_ptx" / "metrics.jsonl")]
+    assert any(v > 0 for r in logged for k, v in r.items() if k.endswith("ptx_loss"))  # pretraining loss in the update
     assert "held-out pairwise accuracy" in first.stdout and "win rate" in first.stdout
 
     # A rerun finds every stage done and gives the same report.

@@ -1,14 +1,14 @@
 """Decode attention in Pallas: one new query token per row against a KV cache, split-K over the cache.
 
-`q: [B, Hq, D]`, caches `[B, S, Hkv, D]` (read in place, never transposed), `lengths: [B]`. The cache is cut
+`q: [B, Hq, D]`, caches `[B, Hkv, S, D]` (read in place, never transposed), `lengths: [B]`. The cache is cut
 into `n_splits` chunks; a program owns (row, K/V heads, chunk) and walks that chunk in `block_k` tiles up
 to the row's length only (chunks past it do no work); with a sliding window it starts at the first tile
 holding a key inside the window (chunks wholly before it do no work either). The g = Hq // Hkv query
 heads of a group are the rows of one `[g, D]` tile (padded to 16 rows for Triton's matmul), so a K/V tile
 is loaded once per group. Soft-capping (Gemma2) bends the logits before ALiBi and the mask.
 Each chunk returns an unnormalised partial result with its running max and sum; a log-sum-exp merge over
-the chunks gives the output. TPU programs take all K/V heads of a row (the block's last two dims are then
-the full `(Hkv, D)`); GPU programs take one head.
+the chunks gives the output. TPU programs take all K/V heads of a row, GPU programs one head; either way a
+block's last two dims are `(split_len, D)`.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, *refs, c: _Static):
         def step(jb, carry, h=h, q=q, slope=slope):
             acc, m, l = carry
             rows = pl.ds(pl.multiple_of(jb * c.block_k, c.block_k), c.block_k)
-            k, v = k_ref[rows, h, :], v_ref[rows, h, :]
+            k, v = k_ref[h, rows, :], v_ref[h, rows, :]
             s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=f32) * c.sm_scale
             s = reference.softcap(s, c.softcap)
             cols = start + jb * c.block_k + lax.broadcasted_iota(jnp.int32, shape, 1)
@@ -89,9 +89,9 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, *refs, c: _Static):
 
 
 def _call(c: _Static, lengths, q4, k, v, *extras):
-    batch, s_len, hkv, dp = k.shape
+    batch, hkv, s_len, dp = k.shape
     hp, rows, n_splits = c.heads_per_program, c.group_rows, s_len // c.split_len
-    kv = pl.BlockSpec((None, c.split_len, hp, dp), lambda b, h, s: (b, s, h, 0))
+    kv = pl.BlockSpec((None, hp, c.split_len, dp), lambda b, h, s: (b, h, s, 0))
     q_spec = pl.BlockSpec((None, hp, rows, dp), lambda b, h, s: (b, h, 0, 0))
     in_specs = [common.scalar_spec(c.target), q_spec, kv, kv]
     if c.has_window:
@@ -136,15 +136,15 @@ def decode_attention(q, k_cache, v_cache, lengths, *, alibi_slopes=None, sm_scal
     """
     _check(q, k_cache, v_cache, lengths, alibi_slopes, window)
     b, hq, d = q.shape
-    hkv = k_cache.shape[2]
+    hkv = k_cache.shape[1]
     g, dp = hq // hkv, common.padded_dim(d)
     rows = max(common.MIN_TILE, pl.next_power_of_2(g))
-    bk, n_splits = _block_and_splits(k_cache.shape[1], block_k)
+    bk, n_splits = _block_and_splits(k_cache.shape[2], block_k)
     if bk is None:  # no tile divides S: pad the cache to whole tiles (padded keys are past every length)
-        bk = common.tile(k_cache.shape[1], block_k, "block_k")
-        k_cache = common.pad_axis(k_cache, 1, common.round_up(k_cache.shape[1], bk))
-        v_cache = common.pad_axis(v_cache, 1, k_cache.shape[1])
-        bk, n_splits = _block_and_splits(k_cache.shape[1], bk)
+        bk = common.tile(k_cache.shape[2], block_k, "block_k")
+        k_cache = common.pad_axis(k_cache, 2, common.round_up(k_cache.shape[2], bk))
+        v_cache = common.pad_axis(v_cache, 2, k_cache.shape[2])
+        bk, n_splits = _block_and_splits(k_cache.shape[2], bk)
     k_cache, v_cache = common.pad_axis(k_cache, 3, dp), common.pad_axis(v_cache, 3, dp)
     q4 = common.pad_axis(common.pad_axis(q.reshape(b, hkv, g, d), 2, rows), 3, dp)
     extras = []
@@ -153,7 +153,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, alibi_slopes=None, sm_scal
     if alibi_slopes is not None:
         extras.append(common.pad_axis(alibi_slopes.astype(f32).reshape(hkv, g), 1, rows)[..., None])
     base = _Static(sm_scale=float(d ** -0.5 if sm_scale is None else sm_scale), block_k=bk,
-                   split_len=k_cache.shape[1] // n_splits, group_rows=rows, heads_per_program=1,
+                   split_len=k_cache.shape[2] // n_splits, group_rows=rows, heads_per_program=1,
                    has_alibi=alibi_slopes is not None, has_window=window is not None,
                    softcap=None if softcap is None else float(softcap))
 
@@ -175,10 +175,10 @@ def decode_attention(q, k_cache, v_cache, lengths, *, alibi_slopes=None, sm_scal
 def _check(q, k_cache, v_cache, lengths, slopes, window):
     where = "lm.kernels.decode_attention"
     if q.ndim != 3 or k_cache.ndim != 4 or v_cache.shape != k_cache.shape:
-        raise ValueError(f"{where}: want q [B, Hq, D] and caches [B, S, Hkv, D]; got q {q.shape}, "
+        raise ValueError(f"{where}: want q [B, Hq, D] and caches [B, Hkv, S, D]; got q {q.shape}, "
                          f"k_cache {k_cache.shape}, v_cache {v_cache.shape}")
     b, hq, d = q.shape
-    if k_cache.shape[0] != b or k_cache.shape[3] != d or hq % k_cache.shape[2]:
+    if k_cache.shape[0] != b or k_cache.shape[3] != d or hq % k_cache.shape[1]:
         raise ValueError(f"{where}: caches {k_cache.shape} do not fit q {q.shape} (same B and D, Hq a "
                          "multiple of Hkv)")
     if not (q.dtype == k_cache.dtype == v_cache.dtype):

@@ -84,8 +84,8 @@ def decode_attention(q, k_cache, v_cache, lengths, *, alibi_slopes=None, sm_scal
 
     args = dict(q=q, k_cache=k_cache, v_cache=v_cache, lengths=lengths, alibi_slopes=alibi_slopes,
                 window=_scalar(window))
-    specs = dict(q="bh.", k_cache="b.h.", v_cache="b.h.", lengths="b", alibi_slopes="h", window="")
-    return _sharded(fn, args, specs, "bh.", q.shape[0], (q.shape[1], k_cache.shape[2]))
+    specs = dict(q="bh.", k_cache="bh..", v_cache="bh..", lengths="b", alibi_slopes="h", window="")
+    return _sharded(fn, args, specs, "bh.", q.shape[0], (q.shape[1], k_cache.shape[1]))
 
 
 def rope(x, positions, *, theta: float = 10000.0, rotary_dim: Optional[int] = None, interleaved: bool = False,

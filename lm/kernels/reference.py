@@ -118,6 +118,9 @@ def softcap(logits, cap: Optional[float]):
     return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
+_softcap = softcap  # for functions whose `softcap` argument hides it
+
+
 def _attend(q, k, v, mask, bias, sm_scale, cap=None):
     """Softmax attention with GQA grouping; `mask: [B, 1, T, S]`, `bias: [B|1, Hq, T, S]` or None."""
     b, t, hq, d = q.shape
@@ -161,24 +164,29 @@ def flash_attention(q, k, v, *, causal: bool = True, prefix_len=None, alibi_slop
 
 def decode_attention(q, k_cache, v_cache, lengths, *, alibi_slopes=None, sm_scale: Optional[float] = None,
                      window=None, softcap: Optional[float] = None, block_k: int = 128, interpret=None):
-    """One new token per row against a KV cache: `q: [B, Hq, D]`, caches `[B, S, Hkv, D]`, `lengths: [B]`.
+    """One new token per row against a KV cache: `q: [B, Hq, D]`, caches `[B, Hkv, S, D]`, `lengths: [B]`.
 
     Row b attends to cache positions j < lengths[b]; the query sits at position lengths[b] - 1. window and
-    softcap as in `flash_attention`.
+    softcap as in `flash_attention`. Both contractions are batched over (B, Hkv), the cache's leading axes,
+    so neither needs the cache transposed.
     """
     del block_k, interpret
-    s = k_cache.shape[1]
-    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    b, hq, d = q.shape
+    hkv, s = k_cache.shape[1], k_cache.shape[2]
+    sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    qg = q.reshape(b, hkv, hq // hkv, d)
+    logits = jnp.einsum("bkgd,bksd->bkgs", qg, k_cache, preferred_element_type=jnp.float32) * sm_scale
+    logits = _softcap(logits, softcap)
     k_idx = jnp.arange(s)
-    visible = k_idx[None, :] < lengths[:, None]
+    visible = k_idx[None, :] < lengths[:, None]  # [B, S]
     if window is not None:
         visible = visible & (k_idx[None, :] > lengths[:, None] - 1 - window)
-    mask = visible[:, None, None, :]  # [B, 1, 1, S]
-    bias = None
     if alibi_slopes is not None:
         rel = (k_idx[None, :] - (lengths[:, None] - 1)).astype(jnp.float32)  # [B, S]
-        bias = alibi_slopes[None, :, None, None] * rel[:, None, None, :]
-    return _attend(q[:, None], k_cache, v_cache, mask, bias, sm_scale, softcap)[:, 0]
+        logits = logits + alibi_slopes.reshape(1, hkv, hq // hkv, 1) * rel[:, None, None, :]
+    probs = jax.nn.softmax(jnp.where(visible[:, None, None, :], logits, NEG_INF), axis=-1)
+    out = jnp.einsum("bkgs,bksd->bkgd", probs.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
+    return out.reshape(b, hq, d).astype(q.dtype)
 
 
 def rope(x, positions, *, theta: float = 10000.0, rotary_dim: Optional[int] = None, interleaved: bool = False,

@@ -80,3 +80,36 @@ def test_qa_questions_as_multiple_choice_examples():
         relation_answers = {f.answer for f in task.facts if f.relation == fact.relation}
         assert set(ex.choices) <= relation_answers
     assert len({ex.choices.index(ex.answer) for ex in examples}) > 1  # the answer is not always first
+
+
+def test_perplexity_of_packed_documents_is_each_documents_own_log_likelihood():
+    """Two documents packed in one row (segment ids, positions restarting) and a half-padded row: the perplexity is
+    exp of the mean negative log-prob of the counted tokens, each document scored on its own."""
+    params = jax.jit(lambda r: init_params(CFG, r))(jax.random.key(1))
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(3, 64, n).tolist() for n in (9, 7, 5)]
+    row0 = docs[0] + docs[1]  # 16 tokens: inputs 15, targets shifted
+    inputs = np.zeros((2, 15), np.int32)
+    targets = np.zeros((2, 15), np.int32)
+    seg = np.zeros((2, 15), np.int32)
+    pos = np.zeros((2, 15), np.int32)
+    inputs[0], targets[0] = row0[:-1], row0[1:]
+    seg[0] = [1] * 9 + [2] * 6
+    pos[0] = list(range(9)) + list(range(6))
+    mask = (seg > 0).astype(np.float32)
+    mask[0, 8] = 0.0  # the last token of document 1 does not predict document 2's first
+    inputs[1, :4], targets[1, :4], seg[1, :4], pos[1, :4], mask[1, :4] = docs[2][:-1], docs[2][1:], 1, range(4), 1
+    batch = {"inputs": inputs, "targets": targets, "loss_mask": mask, "segment_ids": seg, "positions": pos}
+    got = fewshot.perplexity(CFG, params, [batch, {k: v[1:] for k, v in batch.items()}])
+
+    nll, count = 0.0, 0
+    for doc in docs + [docs[2]]:  # the second batch repeats row 1
+        t = np.asarray([doc])
+        logits = Transformer(CFG).apply({"params": params}, t[:, :-1])
+        nll -= float(token_log_probs(logits, t[:, 1:]).sum())
+        count += len(doc) - 1
+    assert got["tokens"] == count == 8 + 6 + 4 + 4
+    assert got["nll"] == pytest.approx(nll / count, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(np.exp(nll / count), rel=1e-5)
+    with pytest.raises(ValueError, match="no counted tokens"):
+        fewshot.perplexity(CFG, params, [])

@@ -219,6 +219,19 @@ def test_logprobs_match_full_forward(filtered):
         np.testing.assert_allclose(out.logprobs[b], want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["gemma2-tiny", "glm-tiny"])
+def test_unstacked_decode_layout_samples_what_the_stacked_one_does(name):
+    """Per-layer weights and caches (the CPU decode layout) against the scanned stack (GPU/TPU's): the same draws
+    and log-probs, through GQA, a sliding window with soft-capping, and GLM's prefix and 2D RoPE."""
+    cfg, params = _model(name)
+    tokens, lengths = map(jnp.asarray, pad_prompts(PROMPTS, 16))
+    kw = dict(max_new_tokens=N_NEW, temperature=0.8, top_k=40)
+    stacked = sample(cfg, params, tokens, lengths, jax.random.key(2), unstack=False, **kw)
+    unstacked = sample(cfg, params, tokens, lengths, jax.random.key(2), unstack=True, **kw)
+    np.testing.assert_array_equal(unstacked.tokens, stacked.tokens)
+    np.testing.assert_allclose(unstacked.logprobs, stacked.logprobs, atol=1e-5, rtol=0)
+
+
 def test_top_k_one_equals_greedy():
     cfg, params = _model("llama-tiny")
     greedy = generate(cfg, params, PROMPTS, N_NEW)

@@ -316,7 +316,7 @@ def negate_virtual(params):
 def test_virtual_tokens_greedy_sample_matches_full_forward(name, method):
     cfg = peft.adapt(presets.get(name), peft.PeftConfig(method=method, virtual_tokens=VIRTUAL))
     params = random_params(cfg, seed=5, std=0.3)
-    assert init_cache(cfg, 2, 8)["k"].shape[2] == 8 + VIRTUAL
+    assert init_cache(cfg, 2, 8)["k"].shape[3] == 8 + VIRTUAL
     tokens, lengths = pad_prompts(PROMPTS, 8)
     out = sample(cfg, params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0), max_new_tokens=N_NEW,
                  temperature=0.0)

@@ -13,7 +13,7 @@ from lm.kernels import decode, pallas, reference
 def _inputs(seed, b, s, hq, hkv, d, dtype=jnp.float32):
     rng = np.random.RandomState(seed)
     q, k, v = (jnp.asarray(rng.standard_normal(shape), dtype) for shape in
-               ((b, hq, d), (b, s, hkv, d), (b, s, hkv, d)))
+               ((b, hq, d), (b, hkv, s, d), (b, hkv, s, d)))
     return q, k, v
 
 
@@ -52,7 +52,7 @@ def test_stops_at_each_rows_length_and_bfloat16():
     """Cache tiles past a row's length are never read (NaNs there change nothing); bf16 within 2e-2."""
     q, k, v = _inputs(3, 2, 64, 4, 4, 16, jnp.bfloat16)
     lengths = jnp.array([16, 40], jnp.int32)
-    poison = jnp.arange(64)[None, :, None, None] >= jnp.array([16, 48])[:, None, None, None]
+    poison = jnp.arange(64)[None, None, :, None] >= jnp.array([16, 48])[:, None, None, None]
     run = jax.jit(functools.partial(pallas.decode_attention, block_k=16, interpret=True))
     got = run(q, jnp.where(poison, jnp.nan, k), jnp.where(poison, jnp.nan, v), lengths)
     assert _max_err(got, _ref(q, k, v, lengths)) <= 2e-2
@@ -85,7 +85,7 @@ def test_skips_cache_tiles_before_the_window():
     those (NaNs there) are never read."""
     q, k, v = _inputs(6, 2, 64, 4, 2, 16)
     lengths = jnp.array([40, 64], jnp.int32)
-    poison = jnp.arange(64)[None, :, None, None] < jnp.array([16, 48])[:, None, None, None]
+    poison = jnp.arange(64)[None, None, :, None] < jnp.array([16, 48])[:, None, None, None]
     run = jax.jit(functools.partial(pallas.decode_attention, window=13, block_k=16, interpret=True))
     got = run(q, jnp.where(poison, jnp.nan, k), jnp.where(poison, jnp.nan, v), lengths)
     assert _max_err(got, _ref(q, k, v, lengths, window=13)) <= 1e-5

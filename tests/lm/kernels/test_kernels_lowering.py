@@ -43,13 +43,13 @@ CASES = {
     "flash_fwd_bwd": (_flash_grad, (SDS((B, T, HQ, D), BF16), SDS((B, T, HKV, D), BF16), SDS((B, T, HKV, D), BF16),
                                     SDS((B,), I32), SDS((HQ,), F32), SDS((B, T), I32))),
     "decode": (lambda q, k, v, lengths, slopes: pallas.decode_attention(q, k, v, lengths, alibi_slopes=slopes),
-               (SDS((B, HQ, D), BF16), SDS((B, S, HKV, D), BF16), SDS((B, S, HKV, D), BF16), SDS((B,), I32),
+               (SDS((B, HQ, D), BF16), SDS((B, HKV, S, D), BF16), SDS((B, HKV, S, D), BF16), SDS((B,), I32),
                 SDS((HQ,), F32))),
     "rope_fwd_bwd": (_rope_grad, (SDS((B, T, HQ, D), BF16), SDS((B, T, 2), I32))),
     "flash_window_softcap_fwd_bwd": (_flash_window_grad, (SDS((B, T, HQ, D), BF16), SDS((B, T, HKV, D), BF16),
                                                           SDS((B, T, HKV, D), BF16), SDS((), I32), SDS((B, T), I32))),
-    "decode_window_softcap": (_decode_window, (SDS((B, HQ, D), BF16), SDS((B, S, HKV, D), BF16),
-                                               SDS((B, S, HKV, D), BF16), SDS((B,), I32), SDS((), I32))),
+    "decode_window_softcap": (_decode_window, (SDS((B, HQ, D), BF16), SDS((B, HKV, S, D), BF16),
+                                               SDS((B, HKV, S, D), BF16), SDS((B,), I32), SDS((), I32))),
 }
 # Kernel calls per case: fwd, dq, dkv / decode / fwd, bwd.
 N_CALLS = {"flash_fwd_bwd": 3, "flash_window_softcap_fwd_bwd": 3, "decode": 1, "decode_window_softcap": 1,
@@ -87,7 +87,7 @@ def test_kernels_match_reference_on_this_backend(interpret):
         loss = lambda q, k, v: jnp.sum(impl.flash_attention(q, k, v, prefix_len=prefix_len, alibi_slopes=slopes,
                                                             **kw) ** 2)  # noqa: E731
         return (jax.grad(loss, (0, 1, 2))(q, k, v), impl.rope(q, positions, **kw),
-                impl.decode_attention(q[:, 0], k, v, lengths, alibi_slopes=slopes, **kw))
+                impl.decode_attention(q[:, 0], k.swapaxes(1, 2), v.swapaxes(1, 2), lengths, alibi_slopes=slopes, **kw))
 
     with jax.default_matmul_precision("highest"):
         got, want = jax.jit(lambda: run(pallas))(), jax.jit(lambda: run(reference))()

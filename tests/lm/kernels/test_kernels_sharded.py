@@ -32,9 +32,10 @@ def _all(q, k, v, w, prefix_len, positions, lengths, window):
                               block_k=16)
     out, vjp = jax.vjp(flash, q, k, v)
     rot = pallas.rope(q, positions)
-    dec = pallas.decode_attention(q[:, 0], k, v, lengths, alibi_slopes=slopes, block_k=16)
+    kc, vc = k.swapaxes(1, 2), v.swapaxes(1, 2)  # decode caches are [B, Hkv, S, D]
+    dec = pallas.decode_attention(q[:, 0], kc, vc, lengths, alibi_slopes=slopes, block_k=16)
     local = pallas.flash_attention(q, k, v, window=window, softcap=2.0, block_q=16, block_k=16)
-    local_dec = pallas.decode_attention(q[:, 0], k, v, lengths, window=window, softcap=2.0, block_k=16)
+    local_dec = pallas.decode_attention(q[:, 0], kc, vc, lengths, window=window, softcap=2.0, block_k=16)
     return out, vjp(w), rot, dec, local, local_dec
 
 
