@@ -102,12 +102,13 @@ def test_perplexity_of_packed_documents_is_each_documents_own_log_likelihood():
     batch = {"inputs": inputs, "targets": targets, "loss_mask": mask, "segment_ids": seg, "positions": pos}
     got = fewshot.perplexity(CFG, params, [batch, {k: v[1:] for k, v in batch.items()}])
 
-    nll, count = 0.0, 0
-    for doc in docs + [docs[2]]:  # the second batch repeats row 1
-        t = np.asarray([doc])
-        logits = Transformer(CFG).apply({"params": params}, t[:, :-1])
-        nll -= float(token_log_probs(logits, t[:, 1:]).sum())
-        count += len(doc) - 1
+    alone = np.zeros((3, 9), np.int32)  # each document in a row of its own (causal: trailing padding is inert)
+    for i, doc in enumerate(docs):
+        alone[i, :len(doc)] = doc
+    logp = np.asarray(token_log_probs(Transformer(CFG).apply({"params": params}, alone[:, :-1]), alone[:, 1:]))
+    per_doc = [-float(logp[i, :len(doc) - 1].sum()) for i, doc in enumerate(docs)]
+    nll = sum(per_doc) + per_doc[2]  # the second batch repeats row 1
+    count = sum(len(d) - 1 for d in docs) + len(docs[2]) - 1
     assert got["tokens"] == count == 8 + 6 + 4 + 4
     assert got["nll"] == pytest.approx(nll / count, rel=1e-5)
     assert got["perplexity"] == pytest.approx(np.exp(nll / count), rel=1e-5)
