@@ -19,7 +19,7 @@ QUANT_TARGETS = LORA_TARGETS[:-1]
 
 # The adaptation fields (lm.peft): off at their defaults.
 ADAPTER_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "lora_rslora", "prompt_tokens",
-                  "prefix_tokens", "quant", "quant_block")
+                  "prefix_tokens", "quant", "quant_block", "quant_head")
 
 RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat", "scan_unroll", "init_std", "embed_grad_scale",
                   "max_len")
@@ -110,8 +110,10 @@ class ModelConfig:
         shift the real tokens by n, also in the KV cache (whose length grows by n).
       quant: "none", or "int8" / "int4" / "nf4": the layers' projection kernels are stored block-wise
         quantised (lm.quant) and dequantised inside each matmul (QLoRA's frozen base; `lm.quantize` for
-        weight-only quantised inference).
+        weight-only quantised inference); "w8a8": int8 kernels with a scale per output column, multiplied by
+        int8-rounded activations in integers (inference only, `lm.quantize`).
       quant_block: entries per quantisation block along a kernel's last input axis (QLoRA: 64).
+      quant_head: the output head (`lm_head`, untied) is stored `quant` too (`lm.quantize(..., head=True)`).
     """
 
     vocab_size: int
@@ -172,8 +174,9 @@ class ModelConfig:
     lora_rslora: bool = False
     prompt_tokens: int = 0
     prefix_tokens: int = 0
-    quant: Literal["none", "int8", "int4", "nf4"] = "none"
+    quant: Literal["none", "int8", "int4", "nf4", "w8a8"] = "none"
     quant_block: int = 64
+    quant_head: bool = False
 
     def __post_init__(self):
         def check(ok, msg):
@@ -191,7 +194,7 @@ class ModelConfig:
             "remat": ("none", "full", "dots"),
             "dtype": ("float32", "bfloat16", "float16"),
             "param_dtype": ("float32", "bfloat16", "float16"),
-            "quant": ("none", "int8", "int4", "nf4"),
+            "quant": ("none", "int8", "int4", "nf4", "w8a8"),
         }
         for field, allowed in choices.items():
             check(getattr(self, field) in allowed,
@@ -239,6 +242,8 @@ class ModelConfig:
         check(not (self.prompt_tokens and self.prefix_tokens), "prompt_tokens and prefix_tokens are exclusive")
         check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout={self.lora_dropout} not in [0, 1)")
         check(self.quant_block > 1, f"quant_block must be > 1, got {self.quant_block}")
+        check(not self.quant_head or (self.quant != "none" and not self.tie_embeddings),
+              "quant_head needs a quant format and an untied output head (tie_embeddings=False)")
 
     @property
     def lora_target_set(self) -> tuple[str, ...]:

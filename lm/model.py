@@ -53,27 +53,38 @@ class Dense(nn.Module):
     n_in: int = 1
     param_dtype: Any = None
 
-    def _kernel(self, shape):
+    def _quantised(self) -> bool:
         cfg = self.cfg
-        if cfg.quant == "none" or self.name not in QUANT_TARGETS:
-            return self.param("kernel", _init(cfg, self.names), shape, self.param_dtype or cfg.params_dtype)
+        return cfg.quant != "none" and (self.name in QUANT_TARGETS or (self.name == "lm_head" and cfg.quant_head))
+
+    def _codes(self, shape):
+        """The stored `(codes, scale)` of a quantised kernel of `shape`."""
+        cfg = self.cfg
         axis = self.n_in - 1  # blocks run along the last contracting axis
         codes_shape, codes_dtype, scale_shape = quant.shapes(shape, cfg.quant, cfg.quant_block, axis,
-                                                             f"{self.name} kernel {shape}")
+                                                             f"{self.name} kernel {shape}", self.n_in)
         codes = self.param("kernel", _zeros(self.names), codes_shape, codes_dtype)
         scale = self.param("kernel_scale", nn.with_logical_partitioning(nn.initializers.ones_init(), self.names),
                            scale_shape, jnp.float32)
-        return quant.dequantize(codes, scale, cfg.quant, axis, cfg.compute_dtype)
+        return codes, scale
 
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
         dt = cfg.compute_dtype
         shape = x.shape[x.ndim - self.n_in:] + self.features
-        kernel = self._kernel(shape)
         lead, k_in = x.shape[:x.ndim - self.n_in], int(np.prod(shape[:self.n_in]))
         x2 = x.astype(dt).reshape(-1, k_in)
-        y = jnp.dot(x2, kernel.astype(dt).reshape(k_in, -1))
+        if not self._quantised():
+            kernel = self.param("kernel", _init(cfg, self.names), shape, self.param_dtype or cfg.params_dtype)
+            y = jnp.dot(x2, kernel.astype(dt).reshape(k_in, -1))
+        elif cfg.quant == quant.W8A8:
+            codes, scale = self._codes(shape)
+            y = quant.matmul_w8a8(x2, codes.reshape(k_in, -1), scale.reshape(-1)).astype(dt)
+        else:
+            codes, scale = self._codes(shape)
+            kernel = quant.dequantize(codes, scale, cfg.quant, self.n_in - 1, cfg.compute_dtype)
+            y = jnp.dot(x2, kernel.astype(dt).reshape(k_in, -1))
         if self.name in cfg.lora_target_set:
             r = cfg.lora_rank
             a = self.param("lora_a", nn.with_logical_partitioning(_LORA_A_INIT, self.names[:self.n_in] + ("lora",)),

@@ -212,22 +212,33 @@ def quantize_base(cfg: ModelConfig, params) -> dict:
         return params
 
     def q(name, p, n_in):
-        codes, scale = quant.quantize(p["kernel"], cfg.quant, cfg.quant_block, axis=n_in)  # axis 0: layers
+        codes, scale = quant.quantize(p["kernel"], cfg.quant, cfg.quant_block, axis=n_in, n_in=n_in)  # 0: layers
         return {**p, "kernel": codes, "kernel_scale": scale}
 
     return _map_projections(params, q)
 
 
-def quantize(cfg: ModelConfig, params, fmt: str = "int8", block: int = 64) -> tuple[ModelConfig, dict]:
-    """Weight-only quantised inference: `(cfg, params)` of a loaded model with its layers' projection kernels
-    stored `fmt` ("int8", "int4" or "nf4", absmax scale per `block` inputs; embeddings, norms and the output
-    head stay as they are). `lm.generate`, `lm.stream` and the chat REPL take the result as it is; each
-    matmul dequantises its kernel (lm.quant)."""
+def quantize(cfg: ModelConfig, params, fmt: str = "int8", block: int = 64, *,
+             head: bool = False) -> tuple[ModelConfig, dict]:
+    """Quantised inference: `(cfg, params)` of a loaded model with its layers' projection kernels stored `fmt`:
+    "int8", "int4" or "nf4" (weight-only, absmax scale per `block` inputs) or "w8a8" (int8 weights per output
+    column and int8 activations, lm.quant); with `head` the (untied) output head too. Embeddings and norms stay
+    as they are. `lm.generate`, `lm.stream` and the chat REPL take the result as it is."""
     if cfg.quant != "none" or cfg.lora_rank:
         raise ValueError("lm.quantize takes a plain model (lm.load merges adapters); this one is already "
                          f"quantised ({cfg.quant}) or has LoRA adapters")
-    qcfg = cfg.replace(quant=fmt, quant_block=block)
-    return qcfg, jax.jit(functools.partial(quantize_base, qcfg))(params)
+    if fmt not in quant.INFERENCE_FORMATS:
+        raise ValueError(f"lm.quantize: format {fmt!r} is not one of {quant.INFERENCE_FORMATS}")
+    qcfg = cfg.replace(quant=fmt, quant_block=block, quant_head=head)
+
+    def run(params):
+        out = quantize_base(qcfg, params)
+        if head:
+            codes, scale = quant.quantize(params["lm_head"]["kernel"], fmt, block, axis=0)
+            out = {**out, "lm_head": {**params["lm_head"], "kernel": codes, "kernel_scale": scale}}
+        return out
+
+    return qcfg, jax.jit(run)(params)
 
 
 def dequantize_base(cfg: ModelConfig, params, dtype=jnp.float32) -> dict:

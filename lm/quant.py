@@ -9,13 +9,22 @@ of a row-major `[out, in]` weight); each block keeps its absolute maximum as a f
 - int4 (weight-only int4 inference, as ChatGLM-6B's): the same with the uniform levels `(i - 8) / 7`, i.e.
   `round(7 * w / absmax)` in [-7, 7] stored with an offset of 8.
 Dequantisation (`dequantize`) runs inside the matmul of lm.model.Dense, so only the codes stay resident.
+
+- w8a8 (inference only): int8 codes with one scale per output column (the absmax over all of its inputs), and
+  each matmul quantises its activations to int8 too, one scale per row, and multiplies in integers with int32
+  sums (`matmul_w8a8`): the dot products of llama.cpp's q8_0 path and of W8A8 (SmoothQuant without the
+  smoothing). A CPU reads a quarter of the float32 bytes and multiplies int8 natively (XLA:CPU turns a float
+  matmul of converted int8 weights into a conversion of the whole kernel at every call). Rounding the
+  activations has no gradient, so it is not a trainable base.
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
 
-FORMATS = ("int8", "int4", "nf4")
+FORMATS = ("int8", "int4", "nf4")  # block-wise weight formats (a frozen base can train adapters on them)
+W8A8 = "w8a8"
+INFERENCE_FORMATS = FORMATS + (W8A8,)
 
 # QLoRA's NormalFloat4 levels (bitsandbytes' table): quantiles of N(0, 1) scaled to [-1, 1], with an exact 0.
 NF4_LEVELS = np.array([
@@ -30,8 +39,13 @@ LEVELS4 = {"nf4": NF4_LEVELS, "int4": ((np.arange(16) - 8) / 7).astype(np.float3
 
 
 def _check(fmt: str):
-    if fmt not in FORMATS:
-        raise ValueError(f"quantisation format {fmt!r} is not one of {FORMATS}")
+    if fmt not in INFERENCE_FORMATS:
+        raise ValueError(f"quantisation format {fmt!r} is not one of {INFERENCE_FORMATS}")
+
+
+def _input_axes(axis: int, n_in: int) -> tuple:
+    """The contracting axes of a kernel whose last one is `axis` (w8a8's scale covers all of them)."""
+    return tuple(range(axis - n_in + 1, axis + 1))
 
 
 def block_size(dim: int, block: int, where: str = "") -> int:
@@ -43,9 +57,14 @@ def block_size(dim: int, block: int, where: str = "") -> int:
     return b
 
 
-def shapes(shape: tuple, fmt: str, block: int, axis: int, where: str = "") -> tuple[tuple, np.dtype, tuple]:
-    """`(codes shape, codes dtype, scale shape)` of a kernel of `shape` quantised along `axis`."""
+def shapes(shape: tuple, fmt: str, block: int, axis: int, where: str = "",
+           n_in: int = 1) -> tuple[tuple, np.dtype, tuple]:
+    """`(codes shape, codes dtype, scale shape)` of a kernel of `shape` quantised along `axis` (the last of its
+    `n_in` contracting axes)."""
     _check(fmt)
+    if fmt == W8A8:
+        axes = _input_axes(axis % len(shape), n_in)
+        return tuple(shape), np.dtype(np.int8), tuple(1 if i in axes else d for i, d in enumerate(shape))
     b = block_size(shape[axis], block, where)
     codes = list(shape)
     if fmt in LEVELS4:
@@ -60,10 +79,15 @@ def _blocks(w, b: int, axis: int):
     return w.reshape(w.shape[:axis] + (w.shape[axis] // b, b) + w.shape[axis + 1:])
 
 
-def quantize(w, fmt: str, block: int, axis: int):
-    """`(codes, scale)` of the float kernel `w` (see the module docstring); `axis` is the blocked input axis."""
+def quantize(w, fmt: str, block: int, axis: int, n_in: int = 1):
+    """`(codes, scale)` of the float kernel `w` (see the module docstring); `axis` is the blocked input axis, the
+    last of `n_in` contracting axes."""
     _check(fmt)
     axis = axis % w.ndim
+    if fmt == W8A8:
+        absmax = jnp.max(jnp.abs(jnp.asarray(w, jnp.float32)), axis=_input_axes(axis, n_in), keepdims=True)
+        codes = jnp.round(127.0 * w / jnp.where(absmax > 0, absmax, 1.0))
+        return jnp.clip(codes, -127, 127).astype(jnp.int8), absmax
     b = block_size(w.shape[axis], block)
     x = _blocks(jnp.asarray(w, jnp.float32), b, axis)
     absmax = jnp.max(jnp.abs(x), axis=axis + 1, keepdims=True)
@@ -84,6 +108,8 @@ def dequantize(codes, scale, fmt: str, axis: int, dtype=jnp.float32):
     """The kernel `codes`/`scale` stand for, in `dtype` (the inverse of `quantize` up to rounding)."""
     _check(fmt)
     axis = axis % codes.ndim
+    if fmt == W8A8:
+        return (codes.astype(jnp.float32) / 127.0 * scale.astype(jnp.float32)).astype(dtype)
     if fmt == "int8":
         x = codes.astype(jnp.float32) / 127.0
     else:
@@ -93,3 +119,13 @@ def dequantize(codes, scale, fmt: str, axis: int, dtype=jnp.float32):
     b = x.shape[axis] // scale.shape[axis]
     x = _blocks(x, b, axis) * jnp.expand_dims(scale.astype(jnp.float32), axis + 1)
     return x.reshape(codes.shape[:axis] + (x.shape[axis] * b,) + codes.shape[axis + 1:]).astype(dtype)
+
+
+def matmul_w8a8(x, codes, scale):
+    """`x [M, K] @ dequantize(codes [K, N], scale [N])` in integers: each row of x rounded to int8 against its
+    absmax, an int8 x int8 matmul summed in int32, then both scales applied (float32 `[M, N]`)."""
+    x = x.astype(jnp.float32)
+    row_max = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    xq = jnp.round(127.0 * x / jnp.where(row_max > 0, row_max, 1.0)).astype(jnp.int8)
+    acc = jnp.dot(xq, codes, preferred_element_type=jnp.int32).astype(jnp.float32)
+    return acc * (row_max / 127.0) * (scale.astype(jnp.float32) / 127.0)

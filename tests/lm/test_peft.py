@@ -447,3 +447,50 @@ def test_weight_only_quantised_inference():
     assert len(lm.generate(qcfg, qparams, [[3, 4, 5]], 3)[0]) == 3  # the KV-cache path takes it as it is
     with pytest.raises(ValueError, match="already"):
         lm.quantize(qcfg, qparams, "int8")
+
+
+def test_w8a8_codes_and_integer_matmul_match_numpy():
+    """w8a8: one scale per output column over all contracting axes (o's [H, D, E] kernel: over H and D), and the
+    matmul rounds each activation row to int8 and sums integer products exactly."""
+    rng = np.random.default_rng(3)
+    w = (rng.standard_t(4, size=(3, 8, 5)) * 0.05).astype(np.float32)
+    w[:, :, 1] = 0.0  # an all-zero column
+    codes, scale = quant.quantize(w, quant.W8A8, 64, axis=1, n_in=2)
+    assert (codes.shape, codes.dtype, scale.shape) == quant.shapes(w.shape, quant.W8A8, 64, 1, n_in=2)
+    absmax = np.abs(w).max(axis=(0, 1), keepdims=True)
+    np.testing.assert_array_equal(scale, absmax)
+    want = np.clip(np.round(127 * w / np.where(absmax > 0, absmax, 1)), -127, 127).astype(np.int8)
+    np.testing.assert_array_equal(codes, want)
+    err = np.abs(np.asarray(quant.dequantize(codes, scale, quant.W8A8, 1)) - w)
+    assert (err <= absmax * (1 / 254 + 1e-6)).all()
+
+    x = rng.standard_normal((4, 24)).astype(np.float32)
+    x[2] = 0.0  # an all-zero row
+    c2, s2 = np.asarray(codes).reshape(24, 5), np.asarray(scale).reshape(5)
+    row = np.abs(x).max(-1, keepdims=True)
+    xq = np.round(127 * x / np.where(row > 0, row, 1)).astype(np.int64)
+    want = (xq @ c2.astype(np.int64)) * (row / 127) * (s2 / 127)  # exact integer sums, then the two scales
+    got = np.asarray(quant.matmul_w8a8(x, c2, s2))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert np.abs(got - x @ w.reshape(24, 5)).max() < 0.02 * np.abs(x @ w.reshape(24, 5)).max()
+
+
+def test_w8a8_and_quantised_head_inference():
+    """lm.quantize's w8a8, with and without the output head: logits near float32's (error printed), greedy
+    decoding through the KV cache, and the head's codes; a tied head or QLoRA on w8a8 are refused."""
+    cfg = presets.get("llama-tiny")
+    params = random_params(cfg, seed=1)
+    want = np.asarray(logits(cfg, params, TOKENS, PREFIX_LEN))
+    err = {}
+    for head in (False, True):
+        qcfg, qparams = lm.quantize(cfg, params, "w8a8", head=head)
+        assert qparams["lm_head"]["kernel"].dtype == (np.int8 if head else np.float32)
+        assert qparams["layers"]["attn"]["o"]["kernel_scale"].shape == (cfg.n_layers, 1, 1, cfg.d_model)
+        err[head] = rel_err(logits(qcfg, qparams, TOKENS, PREFIX_LEN), want)
+        assert len(lm.generate(qcfg, qparams, [[3, 4, 5]], 3)[0]) == 3
+    print(f"relative logit error of w8a8 (head too): {err}")
+    assert 0 < err[False] < QUANT_LOGIT_ERR["int8"] * 2 and err[False] < err[True] < QUANT_LOGIT_ERR["int8"] * 3
+    with pytest.raises(ValueError, match="quant_head"):
+        lm.quantize(presets.get("gemma2-tiny"), random_params(presets.get("gemma2-tiny"), seed=1), "int8", head=True)
+    with pytest.raises(ValueError, match="w8a8"):
+        peft.PeftConfig(method="qlora", quant="w8a8")
