@@ -11,7 +11,8 @@ its raw reward model as the family's `*ForSequenceClassification` (`AutoModelFor
 label, scored at the last non-pad token: end a sequence at the chat template's end-of-turn token, where the
 model was trained to score, not at the newline `apply_chat_template` may add after it), with the run's
 `reward_norm.json` beside: `(score - mean) / std` is the normalised reward the RL stages use. The tokenizer
-is written for `AutoTokenizer`, chat template included.
+is written for `AutoTokenizer`, chat template included. A classification run (`experiments.classify`) gives its
+classifier the same way, with `num_labels` its classes and their names as `id2label` / `label2id`.
 """
 from absl import flags
 

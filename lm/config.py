@@ -86,6 +86,9 @@ class ModelConfig:
       out_bias: bias on the attention output projection.
       mlp_bias: biases on the MLP projections.
       tie_embeddings: output logits use the transposed token embedding (BLOOM, GPT) instead of a separate head.
+      num_labels: outputs of the `score` head (`Transformer(cfg, head="scalar")`): 1 for a reward model or critic
+        (one value per position), N for an N-way classifier (lm.classify); HF `*ForSequenceClassification`'s
+        `num_labels`. The language-model head ignores it.
       init_std: standard deviation of the normal initialiser of every weight matrix.
       dtype: compute dtype ("float32" or "bfloat16"); norms, softmax and losses always run in float32.
       param_dtype: dtype the parameters are stored in.
@@ -161,6 +164,7 @@ class ModelConfig:
     out_bias: bool = False
     mlp_bias: bool = False
     tie_embeddings: bool = False
+    num_labels: int = 1
     init_std: float = 0.02
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -200,7 +204,7 @@ class ModelConfig:
             check(getattr(self, field) in allowed,
                   f"{field}={getattr(self, field)!r} is not one of {allowed}")
         check(self.scan_unroll >= 0, f"scan_unroll must be >= 0 (0 = unroll every layer), got {self.scan_unroll}")
-        for field in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_len"):
+        for field in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_len", "num_labels"):
             check(getattr(self, field) > 0, f"{field} must be positive, got {getattr(self, field)}")
         check(self.n_heads % self.kv_heads == 0,
               f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.kv_heads}")

@@ -5,11 +5,12 @@ transposed into our layout and written into the scanned `[n_layers, ...]` leaves
 copy of the model plus one tensor. Supported architectures and their layouts live in `lm.hf_arch`.
 
 A reward model (`Transformer(cfg, head="scalar")`, params with a `score` head) is written as its family's
-`*ForSequenceClassification` (`num_labels=1`, `score.weight` [1, d], the causal LM's trunk tensors) and read back.
-transformers scores the last token that is not `config.pad_token_id` (right or left padding), as
-`rl.reward.score_responses` reads `last_index` when pad differs from eos; a tokenizer without a pad token (ours is
-then eos) gets `pad_token_id: null`, with which transformers scores the last token and refuses batches of several
-sequences (score them one at a time, unpadded).
+`*ForSequenceClassification` (`num_labels=1`, `score.weight` [1, d], the causal LM's trunk tensors) and read back;
+a classifier likewise with `num_labels=cfg.num_labels` (`score.weight` [N, d]) and its class names as
+`id2label` / `label2id`. transformers scores the last token that is not `config.pad_token_id` (right or left
+padding), as `rl.reward.score_responses` and `lm.classify` read `last_index` when pad differs from eos; a
+tokenizer without a pad token (ours is then eos) gets `pad_token_id: null`, with which transformers scores the
+last token and refuses batches of several sequences (score them one at a time, unpadded).
 """
 from __future__ import annotations
 
@@ -35,7 +36,9 @@ INDEX = "model.safetensors.index.json"
 # Buffers some checkpoints store that are recomputed rather than learned.
 _IGNORED = re.compile(r"(rotary_(pos_)?emb\.inv_freq|(attn|attention)\.(bias|masked_bias))$")
 _SCORE_BIAS = "score/bias"
-_COMPARE_SKIP = ("dtype", "param_dtype", "attention_impl", "remat", "scan_unroll", "init_std", "embed_grad_scale")
+# num_labels is written as id2label by `_hf_config` itself, not by an architecture's mapping.
+_COMPARE_SKIP = ("dtype", "param_dtype", "attention_impl", "remat", "scan_unroll", "init_std", "embed_grad_scale",
+                 "num_labels")
 
 
 def _read_json(path: pathlib.Path) -> dict:
@@ -121,8 +124,8 @@ def _check_cover(arch: hf_arch.Arch, maps, shapes: dict):
 
 
 def head_of(path) -> str:
-    """"scalar" when the Hugging Face directory `path` holds a reward model (config.json's architecture is a
-    `*ForSequenceClassification`), else "lm"."""
+    """"scalar" when the Hugging Face directory `path` holds a reward model or classifier (config.json's
+    architecture is a `*ForSequenceClassification`), else "lm"."""
     archs = _read_json(pathlib.Path(path) / "config.json").get("architectures") or [None]
     return hf_arch.head_of(archs[0])
 
@@ -133,18 +136,27 @@ def _num_labels(hf: dict) -> int:
     return len(id2label) if id2label else int(hf.get("num_labels") or 2)
 
 
+def labels(path) -> Optional[list[str]]:
+    """The class names (`id2label`, index = class id) of a Hugging Face classifier with two or more labels;
+    None for a language or reward model."""
+    hf = _read_json(pathlib.Path(path) / "config.json")
+    if head_of(path) != "scalar" or _num_labels(hf) == 1:
+        return None
+    id2label = hf.get("id2label") or {}
+    return [str(id2label.get(str(i), f"LABEL_{i}")) for i in range(_num_labels(hf))]
+
+
 def _read_config(path: pathlib.Path, dtype=None) -> tuple[ModelConfig, hf_arch.Arch, str]:
-    """`(cfg, arch, head)` of an HF directory's config.json; unknown keys and label counts are refused."""
+    """`(cfg, arch, head)` of an HF directory's config.json (a classifier's `num_labels` included); unknown keys
+    are refused."""
     hf = hf_arch.HFConfig(_read_json(path / "config.json"))
     archs = hf.get("architectures") or [None]
     arch, head = hf_arch.get(archs[0]), hf_arch.head_of(archs[0])
-    if head == "scalar" and _num_labels(hf) != 1:
-        raise ValueError(f"{path} is a {archs[0]} with {_num_labels(hf)} labels; only a reward model (num_labels=1) "
-                         "maps onto our scalar head")
     target = _dtype_name(dtype or hf.get("dtype") or hf.get("torch_dtype") or "float32")
     fields = arch.from_hf(hf)
     hf_arch.check_consumed(hf, arch.name)
-    return ModelConfig(**fields, dtype=target, param_dtype=target), arch, head
+    num_labels = _num_labels(hf) if head == "scalar" else 1
+    return ModelConfig(**fields, num_labels=num_labels, dtype=target, param_dtype=target), arch, head
 
 
 def load_config(path, *, dtype=None) -> ModelConfig:
@@ -155,7 +167,8 @@ def load_config(path, *, dtype=None) -> ModelConfig:
 def load(path, *, dtype=None) -> tuple[ModelConfig, dict]:
     """Read a Hugging Face directory (config.json + model.safetensors or a sharded index).
 
-    A `*ForSequenceClassification` directory (see `head_of`) must have one label; its params get a `score` head
+    A `*ForSequenceClassification` directory (see `head_of`: a reward model, or a classifier whose
+    `cfg.num_labels` is config.json's and whose class names `labels` gives) gets a `score` head
     (`Transformer(cfg, head="scalar")`) whose bias, which transformers' score layer lacks, is zero.
 
     Args:
@@ -219,11 +232,16 @@ def _canonical(cfg: ModelConfig) -> dict:
     return d
 
 
-def _hf_config(cfg: ModelConfig, arch: hf_arch.Arch, head: str = "lm") -> dict:
-    """`arch`'s config.json for `cfg` (with `head`); an error lists every field the architecture cannot express."""
+def _hf_config(cfg: ModelConfig, arch: hf_arch.Arch, head: str = "lm", labels: Optional[list] = None) -> dict:
+    """`arch`'s config.json for `cfg` (with `head`; a score head's class names `labels`, default transformers'
+    `LABEL_i`); an error lists every field the architecture cannot express."""
     hf = dict(arch.to_hf(cfg), architectures=[hf_arch.hf_name(arch, head)], dtype=cfg.param_dtype)
-    if head == "scalar":  # one label, written as transformers writes num_labels=1
-        hf.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    if head == "scalar":  # transformers reads num_labels from id2label
+        names = [str(x) for x in labels] if labels is not None else [f"LABEL_{i}" for i in range(cfg.num_labels)]
+        if len(names) != cfg.num_labels or len(set(names)) != len(names):
+            raise ValueError(f"labels {names} must be {cfg.num_labels} distinct names, one per output of the score "
+                             "head")
+        hf.update(id2label={str(i): n for i, n in enumerate(names)}, label2id={n: i for i, n in enumerate(names)})
     ours, back = _canonical(cfg), _canonical(ModelConfig(**arch.from_hf(hf)))
     diff = [f"{k}={ours[k]!r} ({arch.name} gives {back.get(k)!r})" for k in ours if ours[k] != back.get(k)]
     if diff:
@@ -232,14 +250,16 @@ def _hf_config(cfg: ModelConfig, arch: hf_arch.Arch, head: str = "lm") -> dict:
 
 
 def save(cfg: ModelConfig, params, path, *, architecture: Optional[str] = None, head: Optional[str] = None,
-         max_shard_size: int = 5 * 2**30, extra_config: Optional[dict] = None) -> pathlib.Path:
+         max_shard_size: int = 5 * 2**30, extra_config: Optional[dict] = None,
+         labels: Optional[list] = None) -> pathlib.Path:
     """Write `params` of `Transformer(cfg, head)` as a Hugging Face directory `transformers` can load.
 
-    A language model (head "lm") is written as the causal LM; a reward model (head "scalar") as the family's
-    `*ForSequenceClassification` with one label (`AutoModelForSequenceClassification` loads it): `score.weight`
-    holds our `score/kernel`. transformers' score layer has no bias, so a non-zero `score/bias` is refused; a
-    trained reward model's bias stays 0 (the ranking loss ignores shifts), but `rl.reward.normalize_head` folds the
-    score mean into it: export the raw params and apply `reward_norm.json` yourself. The scored token is the last
+    A language model (head "lm") is written as the causal LM; a reward model or classifier (head "scalar") as the
+    family's `*ForSequenceClassification` with `cfg.num_labels` labels (`AutoModelForSequenceClassification`
+    loads it): `score.weight` holds our `score/kernel`. transformers' score layer has no bias, so a non-zero
+    `score/bias` is refused. A trained reward model's bias stays 0 (the ranking loss ignores shifts), as does a
+    classifier's (lm.classify never trains it), but `rl.reward.normalize_head` folds a reward model's score mean
+    into it: export the raw params and apply `reward_norm.json` yourself. The scored token is the last
     one that is not `pad_token_id` (pass it in `extra_config`; see the module docstring).
 
     Args:
@@ -256,10 +276,13 @@ def save(cfg: ModelConfig, params, path, *, architecture: Optional[str] = None, 
         a config that is not ChatGLM-6B's). A reward model may be named by either of its family's names (e.g.
         `LlamaForCausalLM` or `LlamaForSequenceClassification`); families without a sequence-classification
         class in transformers (Baichuan, ChatGLM) are refused.
-      head: "lm" or "scalar"; None: "scalar" when `params` hold a `score` head, else "lm".
+      head: "lm" or "scalar"; None: "scalar" when `params` hold a `score` head, else "lm" (the language-model
+        head of an "lm+scalar" classifier is not written).
       max_shard_size: bytes per safetensors file; larger models are sharded with an index.
       extra_config: entries added to config.json, e.g. `{"bos_token_id": 1, "eos_token_id": 2}` (a
         `ModelConfig` knows no token ids, so they are written as null unless given here).
+      labels: a classifier's class names (index = class id), written as `id2label` / `label2id`; None:
+        `LABEL_0`, `LABEL_1`, ...
     Returns:
       The directory.
     """
@@ -268,7 +291,7 @@ def save(cfg: ModelConfig, params, path, *, architecture: Optional[str] = None, 
     arch = hf_arch.get(architecture or hf_arch.default_for(cfg))
     if architecture is not None and hf_arch.head_of(architecture) == "scalar" and head != "scalar":
         raise ValueError(f"architecture {architecture} is a reward model, but the params have a {head!r} head")
-    hf = _hf_config(cfg, arch, head)
+    hf = _hf_config(cfg, arch, head, labels)
     shapes = _expected_shapes(cfg, head)
     for leaf, shape in shapes.items():
         try:
@@ -333,7 +356,8 @@ def export_run(run, out, *, architecture: Optional[str] = None, dtype=None, adap
     """Write the model and tokenizer of a run directory (any stage) as a Hugging Face directory.
 
     The model is the one `lm.load` gives: the policy of a pretraining, SFT, DPO or PPO run (a causal LM), the
-    raw, unnormalised reward model of a reward run (a `*ForSequenceClassification`, see `save`). config.json
+    raw, unnormalised reward model of a reward run or the classifier of a classification run, with its class
+    names (`lm.runs.labels`), as a `*ForSequenceClassification` (see `save`). config.json
     gets the tokenizer's bos/eos/pad ids (pad null when the tokenizer has none and pads with eos); the
     tokenizer is written with `lm.tokenizers.save`. A reward run's `reward_norm.json` ({"mean", "std"} of the
     SFT policy's scores) is copied beside: `(score - mean) / std` is the normalised reward `rl.reward.load` gives.
@@ -369,7 +393,7 @@ def export_run(run, out, *, architecture: Optional[str] = None, dtype=None, adap
     # move that token off the one our reward model reads (see the module docstring).
     ends = {tok.eos_id} | ({tok.end_of_turn_id()} if getattr(tok, "chat_template", None) else set())
     pad = None if tok.pad_id in ends else tok.pad_id  # a tokenizer that pads with eos (`pad_is_eos`) included
-    out = save(cfg, params, out, architecture=architecture, extra_config={
+    out = save(cfg, params, out, architecture=architecture, labels=runs.labels(run), extra_config={
         "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": pad})
     tokenizers.save(tok, out)
     norm = pathlib.Path(runs.home(run)) / REWARD_NORM

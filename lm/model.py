@@ -1,4 +1,4 @@
-"""One pure-functional Transformer for every family: `Transformer(cfg, head="lm" | "scalar")`.
+"""One pure-functional Transformer for every family: `Transformer(cfg, head="lm" | "scalar" | "lm+scalar")`.
 
 Parameters carry logical axis names (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`, plus
 `layers` for the scanned block stack); activations are pinned with `nn.with_logical_constraint`, so one
@@ -310,10 +310,14 @@ class _CachedBlock(nn.Module):
 
 
 _REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
+HEADS = ("lm", "scalar", "lm+scalar")  # the outputs a Transformer can have (see its docstring)
 
 
 class Transformer(nn.Module):
-    """Decoder LM. `head="lm"` gives logits `[B, T, vocab]`; `head="scalar"` one value per position `[B, T]`.
+    """Decoder LM. `head="lm"` gives logits `[B, T, vocab]`; `head="scalar"` the `score` head's values per
+    position: `[B, T]` with `cfg.num_labels == 1` (reward model, critic), else class logits `[B, T, num_labels]`
+    (a classifier, HF's `*ForSequenceClassification`); `head="lm+scalar"` both, `(logits, scores)`, on one trunk
+    (GPT-1's classifier trained with its auxiliary language-modelling loss).
 
     Call: `Transformer(cfg).apply({"params": params}, tokens)` with optional
       positions: int32 `[B, T]` (`[B, T, 2]` for rope2d); default from `default_positions`.
@@ -331,8 +335,8 @@ class Transformer(nn.Module):
     def __call__(self, tokens, *, positions=None, prefix_len=None, segment_ids=None, cache: Optional[Cache] = None,
                  decode_index=None, return_hidden: bool = False) -> Any:
         cfg = self.cfg
-        if self.head not in ("lm", "scalar"):
-            raise ValueError(f"Transformer head must be 'lm' or 'scalar', got {self.head!r}")
+        if self.head not in HEADS:
+            raise ValueError(f"Transformer head must be one of {HEADS}, got {self.head!r}")
         b, t = tokens.shape
         if cfg.mask == "causal":
             prefix_len = None
@@ -409,20 +413,22 @@ class Transformer(nn.Module):
         if n_virtual and not decoding:
             x = x[:, n_virtual:]
 
-        if self.head == "scalar":
+        outs = []
+        if self.head != "scalar":
+            if cfg.tie_embeddings:
+                logits = embed.attend(x.astype(cfg.compute_dtype)).astype(jnp.float32)
+            else:
+                logits = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), False, "lm_head")(x.astype(cfg.compute_dtype))
+                logits = logits.astype(jnp.float32)
+            if cfg.final_softcap is not None:
+                logits = kernels.reference.softcap(logits, cfg.final_softcap)
+            outs.append(nn.with_logical_constraint(logits, ("batch", "length", "vocab")))
+        if self.head != "lm":
             head_dtype = ADAPTER_DTYPE if cfg.has_adapters else None  # trained beside the adapters
-            out = _dense(cfg, 1, ("embed", None), True, "score", param_dtype=head_dtype)(
-                x.astype(cfg.compute_dtype))[..., 0]
-            out = out.astype(jnp.float32)
-        elif cfg.tie_embeddings:
-            out = embed.attend(x.astype(cfg.compute_dtype)).astype(jnp.float32)
-        else:
-            out = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), False, "lm_head")(x.astype(cfg.compute_dtype))
-            out = out.astype(jnp.float32)
-        if self.head == "lm" and cfg.final_softcap is not None:
-            out = kernels.reference.softcap(out, cfg.final_softcap)
-        if self.head == "lm":
-            out = nn.with_logical_constraint(out, ("batch", "length", "vocab"))
+            scores = _dense(cfg, cfg.num_labels, ("embed", None), True, "score", param_dtype=head_dtype)(
+                x.astype(cfg.compute_dtype)).astype(jnp.float32)
+            outs.append(scores[..., 0] if cfg.num_labels == 1 else scores)
+        out = outs[0] if len(outs) == 1 else tuple(outs)
         if return_hidden:
             out = (out, x)
         return (out, new_cache) if cache is not None else out
@@ -485,6 +491,28 @@ def abstract_params(cfg: ModelConfig, head: str = "lm", mesh=None, rules=None):
         return nn.unbox(boxed)
     shardings = sharding.tree_shardings(boxed, mesh, sharding.RULES if rules is None else rules)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)
+
+
+def with_score_head(cfg: ModelConfig, lm_params, rng, head: str = "scalar", zeros: bool = False):
+    """Parameters of `Transformer(cfg, head)` (head "scalar" or "lm+scalar") whose trunk is a copy of `lm_params`
+    (a language model's) and whose `score` head is new: kernel `[d_model, cfg.num_labels]` drawn N(0, init_std),
+    or zeros with `zeros` (a critic that starts at 0), and a zero bias. Head "scalar" drops the LM head.
+
+    The copy leaves `lm_params` untouched (and donatable); a trunk leaf the model needs but `lm_params` lacks is
+    an error naming it.
+    """
+    if head not in ("scalar", "lm+scalar"):
+        raise ValueError(f"with_score_head: head must be 'scalar' or 'lm+scalar', got {head!r}")
+    fresh = abstract_params(cfg, head)
+    trunk = {k: v for k, v in lm_params.items() if k in fresh}
+    missing = sorted(set(fresh) - set(trunk) - {"score"})
+    if missing:
+        raise ValueError(f"with_score_head: the language model's params lack {missing}, needed by {cfg}")
+    shape = fresh["score"]["kernel"].shape
+    kernel = jnp.zeros(shape, cfg.params_dtype) if zeros else cfg.init_std * jax.random.normal(rng, shape,
+                                                                                                cfg.params_dtype)
+    trunk = jax.tree_util.tree_map(jnp.array, trunk)
+    return {**trunk, "score": {"kernel": kernel, "bias": jnp.zeros(shape[1:], cfg.params_dtype)}}
 
 
 def count_params(cfg: ModelConfig, head: str = "lm") -> int:

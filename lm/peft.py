@@ -97,9 +97,10 @@ def _names(path) -> list[str]:
 
 
 def is_trainable(path, head: str = "lm") -> bool:
-    """True for an adapter leaf, and for the `score` head of a scalar-head model (reward model, critic)."""
+    """True for an adapter leaf, and for the `score` head of a model with one ("scalar" or "lm+scalar": reward
+    model, critic, classifier)."""
     names = _names(path)
-    return bool(names) and (names[-1] in ADAPTER_LEAVES or (head == "scalar" and names[0] == "score"))
+    return bool(names) and (names[-1] in ADAPTER_LEAVES or (head != "lm" and names[0] == "score"))
 
 
 def split(params, head: str = "lm") -> tuple[dict, dict]:
@@ -174,8 +175,9 @@ def frozen_base(cfg: ModelConfig, load: Callable, head: str, mesh, rules=None) -
     """The frozen base of the adapted `cfg` for a `head` model, on `mesh`.
 
     load: `abstract params -> params` of the starting language model (`plain_config(cfg)`, "lm" head), e.g.
-    lm.runs.init_from's loader. A scalar-head model (reward model, critic) keeps the trunk (its `score` head
-    is trainable); with `cfg.quant` the layer projections are quantised on the devices, shard by shard.
+    lm.runs.init_from's loader. A scalar-head model (reward model, critic, classifier) keeps the trunk (its
+    `score` head is trainable), an "lm+scalar" one the language-model head too; with `cfg.quant` the layer
+    projections are quantised on the devices, shard by shard.
     """
     from lm.model import abstract_params
 

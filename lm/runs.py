@@ -298,13 +298,16 @@ def _layout(path: str, meta: dict) -> tuple[dict, str]:
     return {"": meta.get("head", "lm")}, ""
 
 
+_HELD = {"scalar": "a reward model or classifier", "lm+scalar": "a classifier with its language-model head"}
+
+
 def _read_policy(path: str, meta: dict, head: Optional[str], target):
     """The policy's params of a run, each sub-model restored as `target(head)` says; checks `head`."""
     layout, policy = _layout(path, meta)
     held = layout[policy]
     if head is not None and held != head:
         raise ValueError(f"{path} holds a model with a {held!r} head, not the {head!r} head asked for "
-                         f"({'a reward model' if held == 'scalar' else 'a policy'})")
+                         f"({_HELD.get(held, 'a policy')})")
     abstract = target(held) if policy == "" else {k: target(h) for k, h in layout.items()}
     params = checkpoint.load_params(checkpoint_dir(path), abstract)
     return params if policy == "" else params[policy]
@@ -326,7 +329,9 @@ def _adapted(path: str, meta: dict, head: Optional[str], mesh, rules):
         raise ValueError(f"{path}: a run with adapters whose checkpoint metadata names no 'base' model")
     if not os.path.isdir(meta["base"]):
         raise FileNotFoundError(f"{path} adapts {meta['base']}, which is gone; its adapters need that model")
-    _, base, _ = load(meta["base"], mesh=mesh, rules=rules, head="lm", cfg=peft.plain_config(saved))
+    # The base is the language model the run started from: a classifier's num_labels is its new head's.
+    base_cfg = peft.plain_config(saved).replace(num_labels=1)
+    _, base, _ = load(meta["base"], mesh=mesh, rules=rules, head="lm", cfg=base_cfg)
     layout, policy = _layout(path, meta)
     if layout[policy] == "scalar":
         base = {k: v for k, v in base.items() if k != "lm_head"}
@@ -348,8 +353,9 @@ def load(path: str, *, mesh=None, rules=None, head: Optional[str] = None, cfg: O
     a quantised base dequantised; soft prompts and prefixes stay, in the config and params).
     A run's newest intact checkpoint gives its model: the policy for pretraining, SFT, DPO and PPO runs (a
     PPO checkpoint holds actor and critic; its metadata names the actor as the policy), the scalar-head
-    model of a reward run; a Hugging Face directory's causal LM or `*ForSequenceClassification` (reward model).
-    `head` ("lm" or "scalar") is checked against what it holds. `cfg`, when given, must be the same model as
+    model of a reward or classification run; a Hugging Face directory's causal LM or `*ForSequenceClassification`
+    (reward model or classifier, `cfg.num_labels`; `labels` names the classes). `head` ("lm", "scalar" or
+    "lm+scalar", lm.model.HEADS) is checked against what it holds. `cfg`, when given, must be the same model as
     the saved one (it may differ in RUNTIME_FIELDS, e.g. param_dtype); the params are loaded in its layout and
     dtype and it is the config returned.
     Params land on `mesh` under `rules` (default lm.sharding.RULES) or, without a mesh, on the first local
@@ -362,9 +368,9 @@ def load(path: str, *, mesh=None, rules=None, head: Optional[str] = None, cfg: O
     if is_hf_dir(path):
         from lm import hf
 
-        held = hf.head_of(path)  # a *ForSequenceClassification directory holds a reward model
+        held = hf.head_of(path)  # a *ForSequenceClassification directory holds a reward model or classifier
         if head is not None and head != held:
-            raise ValueError(f"{path} is a Hugging Face {'reward model' if held == 'scalar' else 'language model'} "
+            raise ValueError(f"{path} is a Hugging Face {_HELD.get(held, 'language model')} "
                              f"({held!r} head), not the {head!r} head asked for")
         saved, params = hf.load(path, dtype=None if cfg is None else cfg.param_dtype)
         if cfg is not None:
@@ -387,6 +393,16 @@ def load(path: str, *, mesh=None, rules=None, head: Optional[str] = None, cfg: O
         cfg = cfg or saved
         params = _read_policy(path, meta, head, lambda h: abstract_params(cfg, h, mesh, rules))
     return cfg, params, tokenizer_of(path, tokenizer)
+
+
+def labels(path: str) -> Optional[list[str]]:
+    """The class names of a classifier, index = class id: a classification run's (its checkpoint metadata's
+    `labels`, fixed when it started) or a Hugging Face directory's (`id2label`); None for other models."""
+    if is_hf_dir(path):
+        from lm import hf
+
+        return hf.labels(path)
+    return load_meta(path).get("labels")
 
 
 def tokenizer_of(path: str, tokenizer: Optional[str] = None) -> Optional[tokenizers.TokenizerLike]:

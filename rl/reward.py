@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from lm import runs
 from lm.config import ModelConfig
-from lm.model import Transformer, abstract_params, dropout_rngs
+from lm.model import Transformer, dropout_rngs, with_score_head
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -107,24 +107,14 @@ def reward_loss_fn(cfg: ModelConfig):
 
 
 def init_from_sft(cfg: ModelConfig, sft_params, rng, head_init: str = "normal"):
-    """Scalar-head parameters whose trunk is a copy of `sft_params` and whose `score` head is new.
+    """Scalar-head parameters whose trunk is a copy of `sft_params` and whose `score` head is new
+    (lm.model.with_score_head; the language-model head `lm_head` is dropped).
 
     head_init: "normal" (the model's initialiser, for a reward model) or "zeros" (a critic that starts at 0).
-    The language-model head (`lm_head`) is dropped.
     """
     if head_init not in ("normal", "zeros"):
         raise ValueError(f"rl.reward.init_from_sft: head_init must be 'normal' or 'zeros', got {head_init!r}")
-    fresh = abstract_params(cfg, "scalar")
-    trunk = {k: v for k, v in sft_params.items() if k != "lm_head"}
-    missing = sorted(set(fresh) - set(trunk) - {"score"})
-    if missing:
-        raise ValueError(f"rl.reward.init_from_sft: SFT params lack {missing} needed by the reward model of {cfg}")
-    d = fresh["score"]["kernel"].shape[0]
-    kernel = cfg.init_std * jax.random.normal(rng, (d, 1), cfg.params_dtype)
-    if head_init == "zeros":
-        kernel = jnp.zeros_like(kernel)
-    trunk = jax.tree_util.tree_map(jnp.array, trunk)  # copy: the SFT params stay untouched (and donatable)
-    return {**trunk, "score": {"kernel": kernel, "bias": jnp.zeros((1,), cfg.params_dtype)}}
+    return with_score_head(cfg, sft_params, rng, zeros=head_init == "zeros")
 
 
 def normalize_head(params, mean, std, eps: float = 1e-6):
@@ -160,6 +150,8 @@ def load(run_dir: str, *, cfg: Optional[ModelConfig] = None, mesh=None, rules=No
     responses score with mean 0, std 1.
     """
     cfg, params, _ = runs.load(run_dir, mesh=mesh, rules=rules, head="scalar", cfg=cfg)
+    if cfg.num_labels != 1:
+        raise ValueError(f"{run_dir} is a classifier with {cfg.num_labels} labels, not a reward model (one score)")
     return cfg, normalized(run_dir, params) if normalize else params
 
 

@@ -6,7 +6,8 @@ _ATTRS = {
     "data_source": "lm.data.builders", "prepare": "lm.data.builders",
     "format_chat": "lm.data.chat", "format_prompt": "lm.data.chat", "format_response": "lm.data.chat",
     "GlmTokens": "lm.data.glm", "blank_infilling": "lm.data.glm",
-    "preference_dataset": "lm.data.pipelines", "preference_pairs": "lm.data.pipelines",
+    "classify_dataset": "lm.data.pipelines", "preference_dataset": "lm.data.pipelines",
+    "preference_pairs": "lm.data.pipelines",
     "pretrain_dataset": "lm.data.pipelines", "sft_dataset": "lm.data.pipelines",
     "prompt_dataset": "lm.data.pipelines", "read_prompts": "lm.data.pipelines",
 }

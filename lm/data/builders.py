@@ -15,10 +15,12 @@ Kind "text" also reads a string column "text" from a single non-`.txt` file or d
 
 Each file's rows follow one schema, detected from its first row (`lm.data.schemas` has the table):
 "sft" rows are prompt_response, alpaca, messages or sharegpt; "preference" rows ranked, pairwise,
-pairwise_messages (UltraFeedback) or hh (Anthropic-HH transcripts); RL prompt files (`prompt_rows`) take
+pairwise_messages (UltraFeedback) or hh (Anthropic-HH transcripts); "classify" rows {text, label} or
+{text, text_pair, label}; RL prompt files (`prompt_rows`) take
 the prompt part of any of these. `field_map` ({name in the file: our name}, or "question=prompt,..."
 as a string) renames columns first. Records: text `{text}`; sft `{messages}` (a JSON message list);
-preference `{prompt (a JSON message list ending with a user message), responses, ranks}` (rank 0 best).
+preference `{prompt (a JSON message list ending with a user message), responses, ranks}` (rank 0 best);
+classify `{text, text_pair, label (as JSON)}`.
 A malformed row raises a `ValueError` naming `file:row`. Every record keeps its `source` ("file:row",
 relative to `path`) for later errors.
 
@@ -47,7 +49,7 @@ from absl import logging
 
 from lm.data import schemas
 
-KINDS = ("text", "sft", "preference")
+KINDS = ("text", "sft", "preference", "classify")
 SPLITS = ("train", "eval")
 ROW_EXTENSIONS = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 _READ_CHUNK = 1 << 20  # characters of a `.json` list read at a time
@@ -273,6 +275,8 @@ _FEATURES = {
     "preference": lambda: {"prompt": tfds.features.Text(),
                            "responses": tfds.features.Sequence(tfds.features.Text()),
                            "ranks": tfds.features.Sequence(np.int32)},
+    "classify": lambda: {"text": tfds.features.Text(), "text_pair": tfds.features.Text(),
+                         "label": tfds.features.Text()},
 }
 
 
@@ -368,7 +372,7 @@ def _locked(path: str):
 
 def prepare(kind: str, path: str, *, cache_dir: Optional[str] = None, eval_fraction: float = 0.05,
             field_map: FieldMap = None) -> LocalData:
-    """Prepares (once) and returns the builder of `path` read as `kind` ("text", "sft" or "preference"), its
+    """Prepares (once) and returns the builder of `path` read as `kind` (one of `KINDS`), its
     columns renamed by `field_map` ({name in the file: our name} or "name_in_file=our_name,...")."""
     files, fields = _files(path, kind), schemas.parse_field_map(field_map)
     fingerprint = _fingerprint(kind, files, eval_fraction, fields)

@@ -26,7 +26,7 @@ import grain
 import numpy as np
 from absl import logging
 
-from lm.data import builders, chat
+from lm.data import builders, chat, schemas
 from lm.data.glm import GlmTokens, blank_infilling
 
 _READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
@@ -37,12 +37,16 @@ def _text(x) -> str:
 
 
 def _records(kind, path, split, *, seed, process_index, process_count, num_epochs, cache_dir, eval_fraction,
-             field_map=None):
+             field_map=None, even_shards=False):
+    """This process's shuffled, repeated records of one split. even_shards: a process with one record fewer
+    than others gets an empty one (`{}`), so in a finite pass every process runs the same number of batches."""
     src = builders.data_source(kind, path, split, cache_dir=cache_dir, eval_fraction=eval_fraction,
                                field_map=field_map)
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
     ds = grain.MapDataset.source(src)[process_index::process_count]
+    if even_shards and len(ds) < -(-len(src) // process_count):
+        ds = grain.MapDataset.concatenate([ds, grain.MapDataset.source([{}])])
     if len(ds) == 0:
         raise ValueError(f"{path} split {split!r} has {len(src)} examples: none left for process "
                          f"{process_index} of {process_count}")
@@ -55,8 +59,9 @@ def _batch(ds: grain.IterDataset, batch_size: int, finite: bool) -> grain.IterDa
         missing = batch_size - len(rows)
         if missing:  # the last batch of a finite pass: pad with empty rows that carry no loss
             out = {k: np.concatenate([v, np.zeros((missing,) + v.shape[1:], v.dtype)]) for k, v in out.items()}
-            if "ranks" in out:
-                out["ranks"][-missing:] = -1
+            for key in ("ranks", "labels"):  # absent responses, unlabelled rows
+                if key in out:
+                    out[key][-missing:] = -1
         return out
     return ds.batch(batch_size, drop_remainder=not finite, batch_fn=stack)
 
@@ -223,6 +228,51 @@ def _preference_example(r, tokenizer, k: int, seq_len: int, overlong: _Overlong)
     return {"tokens": tokens, "lengths": lengths, "last_index": np.maximum(lengths - 1, 0), "prompt_len": prompt_len,
             "ranks": out_ranks, "inputs": tokens, "targets": targets, "loss_mask": loss_mask,
             "chosen_index": chosen, "rejected_index": rejected, "pair_mask": pair_mask.astype(np.float32)}
+
+
+def _classify_example(r, tokenizer, labels: list[str], seq_len: int, overlong: _Overlong) -> dict:
+    """GPT-1's input of a labelled row: `[bos] text [eos text_pair] eos`, the label read at the final eos (the
+    delimiter is eos too: tokenizers have no separator token in common). An over-long row keeps its first tokens
+    and its final eos. The empty record of `even_shards` becomes a row without a label (-1)."""
+    if not r:
+        return {"inputs": np.full(seq_len, tokenizer.pad_id, np.int32), "targets": np.zeros(seq_len, np.int32),
+                "loss_mask": np.zeros(seq_len, np.float32), "last_index": np.int32(0), "labels": np.int32(-1)}
+    source = _text(r["source"])
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    ids = bos + tokenizer.encode(_text(r["text"]))
+    pair = _text(r["text_pair"])
+    if pair:
+        ids += [tokenizer.eos_id] + tokenizer.encode(pair)
+    keep = overlong(len(ids) + 1, source) - 1
+    if keep < 1:
+        raise ValueError(f"example {source}: seq_len={seq_len} leaves no room for the text")
+    ids = np.asarray(ids[:keep] + [tokenizer.eos_id], np.int32)
+    n = len(ids)
+    return {"inputs": _pad(ids, seq_len, tokenizer.pad_id), "targets": _pad(ids[1:], seq_len),
+            "loss_mask": _pad(np.ones(n - 1, np.float32), seq_len), "last_index": np.int32(n - 1),
+            "labels": np.int32(schemas.label_id(schemas.decode_label(r["label"]), labels, f"example {source}"))}
+
+
+def classify_dataset(path: str, tokenizer, *, labels: list[str], seq_len: int, batch_size: int, seed: int,
+                     split: str = "train", process_index: int = 0, process_count: int = 1,
+                     num_epochs: Optional[int] = None, overlong: str = "error", cache_dir: Optional[str] = None,
+                     eval_fraction: float = 0.05, field_map=None) -> grain.IterDataset:
+    """Batches of labelled texts or text pairs (`{text, label}` / `{text, text_pair, label}` rows, any format of
+    `lm.data.builders`, columns renamed by `field_map`, e.g. GLUE's "sentence1=text,sentence2=text_pair"), one
+    row each, right-padded with the tokenizer's pad id, for lm.classify.
+
+    labels: the run's class names (`schemas.label_names`); each row's label maps onto them (`schemas.label_id`).
+    Keys: `inputs` int32 `[B, T]`; `last_index` int32 `[B]` (the final eos); `labels` int32 `[B]` (-1: a padding
+    row of a finite pass's last batch); `targets` / `loss_mask` `[B, T]`, next-token targets over the row for an
+    auxiliary LM loss. A finite pass (`num_epochs`) gives every process the same number of batches, so it can be
+    an evaluation that covers the whole split.
+    """
+    check = _Overlong(overlong, seq_len)
+    ds = _records("classify", path, split, seed=seed, process_index=process_index, process_count=process_count,
+                  num_epochs=num_epochs, cache_dir=cache_dir, eval_fraction=eval_fraction, field_map=field_map,
+                  even_shards=num_epochs is not None)
+    it = ds.map(lambda r: _classify_example(r, tokenizer, labels, seq_len, check)).to_iter_dataset(_READ)
+    return _batch(it, batch_size, num_epochs is not None)
 
 
 def preference_dataset(path: str, tokenizer, *, seq_len: int, k: int, batch_size: int, seed: int,

@@ -19,6 +19,8 @@ stands for one user message; a top-level "system" string becomes a first system 
 | prompt     | (each above)      | its prompt; messages/sharegpt: up to the last user message            |
 |            | prompt            | {prompt: str or messages, system?}                                    |
 | text       | text              | {text}; blank texts are skipped                                       |
+| classify   | text_pair         | {text, text_pair, label}: a sentence pair (GPT-1's entailment input)  |
+|            | text              | {text, label}                                                         |
 
 pairwise_messages (UltraFeedback): the prompt is the longest common prefix of the two lists and each must
 continue with exactly one assistant message (UltraFeedback's own "prompt" string is then ignored); TRL's
@@ -29,7 +31,8 @@ preference: it is skipped, with one warning per file giving the count.
 
 Records: sft `{"messages": JSON string of [{role, content}]}`; preference `{"prompt": JSON string of
 messages ending with a user message, "responses": [str], "ranks": int32 array}`; prompt `{"prompt":
-[{role, content}]}`; text `{"text": str}`.
+[{role, content}]}`; text `{"text": str}`; classify `{"text": str, "text_pair": str ("" for a single text),
+"label": the label as JSON}` (an int or a string; lm.classify maps it to a class id).
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from absl import logging
@@ -255,6 +258,66 @@ def _text(row: dict) -> Optional[dict]:
     return {"text": text} if text.strip() else None
 
 
+def _classify(row: dict) -> dict:
+    """A labelled text (and pair text) with its label as JSON: ids or names are mapped to classes later
+    (`label_names`, `label_id`), once every label of the data is known."""
+    texts = {key: _string(row, key, optional=key == "text_pair") for key in ("text", "text_pair")}
+    for key, text in texts.items():
+        if key in row and not text.strip():
+            raise ValueError(f"{key!r} is empty")
+    label = row["label"]
+    if isinstance(label, bool) or not isinstance(label, (int, str)) or not str(label).strip():
+        raise ValueError(f"'label' must be an integer class id or a non-empty string name, got {label!r}")
+    return dict(texts, label=json.dumps(label, ensure_ascii=False))
+
+
+def label_names(labelled: Iterable[tuple[str, object]], given: Sequence[str] = ()) -> list[str]:
+    """The class names of a run, index = class id, from `(source "file:row", label)` of every labelled row.
+
+    given: the class names in id order (`data.labels`, or a resumed run's own). Without it, string labels are
+    numbered in sorted order and integer labels are their own ids (names "0", "1", ... up to the largest).
+    A label that is neither is an error naming its row: a string outside `given`, an integer outside
+    `[0, len(given))` or negative, or a mix of strings and integers in one data set.
+    """
+    given = [str(x) for x in given]
+    if len(set(given)) != len(given):
+        raise ValueError(f"data.labels {given} repeats a name")
+    found, first = set(), {}  # labels seen; where the first id / name was
+    for source, label in labelled:
+        kind = "id" if isinstance(label, int) else "name"
+        first.setdefault(kind, source)
+        if len(first) > 1:
+            other = "name" if kind == "id" else "id"
+            raise ValueError(f"{source}: label {label!r} is a class {kind}, but the first class {other} is at "
+                             f"{first[other]}: labels are integer ids or string names, not both")
+        if kind == "id" or given:
+            label_id(label, given or None, source)
+        found.add(label)
+    if given:
+        return given
+    if "id" in first:
+        return [str(i) for i in range(max(found) + 1)]
+    return sorted(found)
+
+
+def label_id(label, names: Optional[Sequence[str]], source: str) -> int:
+    """The class id of a row's `label` (an int id or a string name) among `names` (None: any id >= 0 is
+    accepted, the names not known yet); errors name the row's `source`."""
+    if isinstance(label, int):
+        if label < 0 or (names is not None and label >= len(names)):
+            known = f"[0, {len(names)})" if names is not None else "0, 1, ..."
+            raise ValueError(f"{source}: label {label} is not a class id in {known}")
+        return label
+    if label not in names:
+        raise ValueError(f"{source}: label {label!r} is not one of the classes {list(names)}")
+    return list(names).index(label)
+
+
+def decode_label(raw) -> object:
+    """A classify record's label (kept as JSON) as the int or string the data gave."""
+    return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+
+
 def _is_list(key: str) -> Callable[[dict], str]:
     return lambda row: "" if isinstance(row.get(key), list) else f"{key!r} is not a message list"
 
@@ -325,6 +388,10 @@ SCHEMAS: dict[str, tuple[Schema, ...]] = {
         Schema("prompt", "{prompt, system?}", ("prompt",), lambda r: {"prompt": _prompt(r)}),
     ),
     "text": (Schema("text", "{text}", ("text",), _text, skips="with a blank text"),),
+    "classify": (
+        Schema("text_pair", "{text, text_pair, label}", ("text", "text_pair", "label"), _classify),
+        Schema("text", "{text, label}", ("text", "label"), _classify),
+    ),
 }
 # The K-wise format always allowed pairs among ranked rows.
 _MIXABLE = {"ranked": "pairwise", "pairwise": "ranked"}
@@ -352,7 +419,8 @@ def _detect(kind: str, row: dict) -> Schema:
 def records(kind: str, file: str, rows: Iterable[tuple[int, dict]], field_map: Mapping[str, str], *,
             warn_skipped: bool = True) -> Iterator[tuple[int, dict]]:
     """`(row number, normalised record)` of one file's raw rows read as `kind` ("sft", "preference",
-    "prompt" or "text"), renamed by `field_map` (from `parse_field_map`); the schema comes from the first row.
+    "prompt", "text" or "classify"), renamed by `field_map` (from `parse_field_map`); the schema comes from the
+    first row.
 
     Any problem raises a ValueError naming `file:row`. Rows that carry nothing (blank texts, pairs without a
     preference) are skipped, with one warning per file counting them if `warn_skipped`.

@@ -1,7 +1,8 @@
 """Hugging Face architectures as `ModelConfig` mappings, one module per family of layouts.
 
 `get(name)` returns an architecture's `Arch` (config.json <-> ModelConfig fields, tensor names and layouts), by its
-causal-LM name or its `*ForSequenceClassification` name (`head_of(name)` tells which: "lm" or "scalar");
+causal-LM name or its `*ForSequenceClassification` name (`head_of(name)` tells which: "lm" or "scalar", the score
+head of a reward model or classifier);
 `default_for(cfg)` names the architecture a config is written as. The shared machinery is in `core`.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ def get(name: Optional[str]) -> Arch:
 
 
 def head_of(name: Optional[str]) -> str:
-    """"scalar" for a `*ForSequenceClassification` architecture name (a reward model), else "lm"."""
+    """"scalar" for a `*ForSequenceClassification` architecture name (a reward model or classifier), else "lm"."""
     return "scalar" if name in SEQ_CLS else "lm"
 
 

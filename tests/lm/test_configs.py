@@ -12,7 +12,7 @@ from absl import flags
 from ml_collections import config_flags
 
 import experiments
-from configs import pretrain, sft
+from configs import classify, pretrain, sft
 from lm import loop, losses, optim, presets, runs, sharding, train_step
 from lm.model import Transformer, boxed_params
 
@@ -28,7 +28,7 @@ def parse(*args):
     return fv.config
 
 
-@pytest.mark.parametrize("module", [pretrain, sft])
+@pytest.mark.parametrize("module", [pretrain, sft, classify])
 def test_every_preset_builds_a_valid_model(module):
     for preset in module.PRESETS:
         config = module.get_config(preset)
@@ -40,7 +40,7 @@ def test_every_preset_builds_a_valid_model(module):
 
 
 def test_every_config_field_has_a_comment():
-    for name in ("common.py", "pretrain.py", "sft.py"):
+    for name in ("common.py", "pretrain.py", "sft.py", "classify.py"):
         with open(os.path.join(ROOT, "configs", name)) as f:
             for i, line in enumerate(f, 1):
                 if re.match(r"\s*c(\.\w+)+ = ", line):

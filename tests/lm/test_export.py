@@ -34,7 +34,7 @@ def _params(cfg, head, seed=0):
     shapes = jax.eval_shape(lambda r: lm.init_params(cfg, r, head), jax.random.key(0))
     params = jax.tree.map(lambda s: rng.normal(0, 0.2, s.shape).astype(np.float32), shapes)
     if head == "scalar":
-        params["score"]["bias"] = np.zeros(1, np.float32)
+        params["score"]["bias"] = np.zeros(cfg.num_labels, np.float32)
     return params
 
 
@@ -94,13 +94,30 @@ def test_reward_export_refusals(tmp_path):
         hf.save(glm, _params(glm, "scalar"), tmp_path / "glm")
     with pytest.raises(ValueError, match="is a reward model, but the params have a 'lm' head"):
         hf.save(cfg, _params(cfg, "lm"), tmp_path / "lm", architecture="LlamaForSequenceClassification")
-    # a classifier with several labels is not a reward model
-    hf.save(cfg, _params(cfg, "scalar"), tmp_path / "two")
-    config = json.loads((tmp_path / "two" / "config.json").read_text())
-    config["id2label"] = {"0": "NEG", "1": "POS"}
-    (tmp_path / "two" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="2 labels"):
-        hf.load(tmp_path / "two")
+    # labels that do not match the head's outputs
+    with pytest.raises(ValueError, match=r"labels \['NEG', 'POS'\] must be 1 distinct names"):
+        hf.save(cfg, _params(cfg, "scalar"), tmp_path / "two", labels=["NEG", "POS"])
+
+
+@pytest.mark.parametrize("preset", ["qwen2-tiny", "gpt2-tiny"])
+def test_classifier_as_sequence_classification(preset, tmp_path):
+    # GQA with q/k/v biases; learned positions, tied embeddings and Conv1D layouts. Rows right-padded with PAD:
+    # transformers reads each row's last non-pad token, where ours reads it.
+    cfg = presets.get(preset, vocab_size=V, dtype="float32", num_labels=3)
+    params = _params(cfg, "scalar")
+    hf.save(cfg, params, tmp_path, labels=["neg", "neutral", "pos"], extra_config={"pad_token_id": PAD})
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["id2label"] == {"0": "neg", "1": "neutral", "2": "pos"} and config["label2id"]["pos"] == 2
+    ids, last = _right_padded()
+    values = jax.jit(lm.Transformer(cfg, head="scalar").apply)({"params": params}, jnp.asarray(ids))  # [B, T, 3]
+    ours = np.asarray(values)[np.arange(len(ids)), last]
+    model = tr.AutoModelForSequenceClassification.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        theirs = model(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
+    cfg2, back = hf.load(tmp_path)
+    assert cfg2.num_labels == 3 and hf.labels(tmp_path) == ["neg", "neutral", "pos"]
+    jax.tree.map(np.testing.assert_array_equal, back, params)
 
 
 def test_lm_export_writes_token_ids(tmp_path):
