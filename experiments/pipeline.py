@@ -147,14 +147,15 @@ def _evaluate(config, workdir, dirs, files, task):
     held = _read_jsonl(os.path.join(dirs["samples"], "prefs_heldout.jsonl"))
     report["reward_model"] = evaluate.reward_accuracy(rm_cfg, rm, tok, held, width=e.seq_len, batch_size=e.batch_size)
     names = policies(config)
+    models = {name: lm.load(dirs[name]) for name in ("pretrain",) + names}  # (cfg, params, tokenizer)
     report.update(evaluate.compare_policies(
-        {name: lm.load(dirs[name])[:2] for name in names}, "sft", tok, prompts,
+        {name: models[name][:2] for name in names}, "sft", tok, prompts,
         lambda p, r: dataclasses.asdict(task.grade(p, r)), temperature=e.temperature, max_new_tokens=e.max_new_tokens,
         batch_size=e.batch_size, seq_len=e.seq_len, seed=e.seed, examples=e.examples, reward=(rm_cfg, rm)))
     curves = {name: _curves(dirs[name]) for name in names if name in SAMPLING}
     for name, c in curves.items():
         report[name]["final_train_kl"] = c["kl"][-1] if c["kl"] else None
-    report["fewshot"] = _alignment_tax(config, dirs, files, task, ("pretrain",) + names)
+    report["fewshot"] = _alignment_tax(config, models, files, task, os.path.join(workdir, "data_cache"))
     _plot(curves, os.path.join(workdir, "curves.png"))
     _plot_frontier(curves, report, os.path.join(workdir, "frontier.png"))
     if config.peft_rows:
@@ -162,21 +163,21 @@ def _evaluate(config, workdir, dirs, files, task):
     return report
 
 
-def _alignment_tax(config, dirs, files, task, names) -> dict:
-    """`{name: {"0shot", "kshot", "k", "perplexity"}}`: multiple-choice accuracy over the held-out facts with 0 and
-    k demonstrations (lm.fewshot), and perplexity on the held-out pretraining documents, of each model."""
+def _alignment_tax(config, models, files, task, cache_dir) -> dict:
+    """`{name: {"0shot", "kshot", "k", "perplexity", "questions"}}` of each of `models` ({name: lm.load's
+    result}): multiple-choice accuracy over the held-out facts with 0 and k demonstrations (lm.fewshot), and
+    perplexity on the held-out pretraining documents."""
     e, p = config.eval, config.pretrain.data
     examples = qa.fewshot_examples(task, qa.read_prompts(files["eval"]), e.fewshot_choices)
     pool = qa.fewshot_pool(task, qa.read_prompts(files["sft"]))
     prompts = {k: fewshot.kshot_prompts(examples, pool, k, seed=e.seed) for k in (0, e.fewshot_k)}
     out = {}
-    for name in names:
-        cfg, params, tok = lm.load(dirs[name])
+    for name, (cfg, params, tok) in models.items():
         acc = {k: fewshot.multiple_choice(cfg, params, tok, prompts[k], examples, batch_size=e.batch_size)["accuracy"]
                for k in prompts}
         heldout = data.pretrain_dataset(files["pretrain"], tok, split="eval", seq_len=p.seq_len,
                                         batch_size=e.batch_size, seed=0, num_epochs=1, eval_fraction=p.eval_fraction,
-                                        cache_dir=os.path.join(os.path.dirname(dirs[name]), "data_cache"))
+                                        cache_dir=cache_dir)
         out[name] = {"0shot": acc[0], "kshot": acc[e.fewshot_k], "k": e.fewshot_k,
                      "perplexity": fewshot.perplexity(cfg, params, heldout)["perplexity"], "questions": len(examples)}
     return out
