@@ -134,7 +134,7 @@ def main():
 
         def run():
             out = sample(c, p, tokens, lengths, jax.random.key(0), max_new_tokens=args.new,
-                                       temperature=0.0, unstack=unstack)
+                                       temperature=0.0, unstack=unstack, logprobs=False)
             return np.asarray(out.tokens)
         return run
 

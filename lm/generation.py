@@ -103,10 +103,11 @@ def _decode_layout(params, cache, unstack: Optional[bool]):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id",
-                                             "pad_id", "filtered_logprobs", "unstack"))
+                                             "pad_id", "filtered_logprobs", "unstack", "logprobs"))
 def sample(cfg: ModelConfig, params, prompt_tokens, prompt_lengths, rng, *, max_new_tokens: int,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: Optional[int] = None,
-           pad_id: int = 0, filtered_logprobs: bool = False, unstack: Optional[bool] = None) -> SampleOutput:
+           pad_id: int = 0, filtered_logprobs: bool = False, unstack: Optional[bool] = None,
+           logprobs: bool = True) -> SampleOutput:
     """Sample `max_new_tokens` continuations of right-padded prompts with a KV cache.
 
     Args:
@@ -117,6 +118,8 @@ def sample(cfg: ModelConfig, params, prompt_tokens, prompt_lengths, rng, *, max_
       top_p: 1.0 disables. eos_id: a row stops after emitting it (None: never). pad_id: fills finished rows.
       filtered_logprobs: report log-probs under the top-k/top-p-truncated distribution (default: before it).
       unstack: decode with per-layer weights and cache arrays (None: on CPU only; the tokens are the same).
+      logprobs: False leaves `SampleOutput.logprobs` zero and skips computing them (a log-sum-exp over the
+        vocabulary per token), for callers that only want the tokens (`generate`).
 
     The prompt is prefilled into a cache of length `P + N`; for `cfg.mask == "prefix"` (GLM) it is the
     bidirectional prefix (`prefix_len = prompt_lengths`) and positions follow `default_positions`. The decode
@@ -151,6 +154,7 @@ def sample(cfg: ModelConfig, params, prompt_tokens, prompt_lengths, rng, *, max_
                                     decode_index=lengths - 1 + t)
         new, logp = _choose(logits[:, 0], jax.random.fold_in(rng, t), temperature, top_k, top_p,
                             filtered_logprobs)
+        logp = logp if logprobs else jnp.zeros_like(logp)  # then XLA drops its computation
         new = jnp.where(done, pad_id, new)
         out_tokens = out_tokens.at[:, t].set(new)
         out_logprobs = out_logprobs.at[:, t].set(jnp.where(done, 0.0, logp))
@@ -194,7 +198,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new
     tokens, lengths = pad_prompts(prompts, min(bucket_length(longest), room))
     out = sample(cfg, params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
                  max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
-                 top_p=float(top_p), eos_id=eos_id)
+                 top_p=float(top_p), eos_id=eos_id, logprobs=False)
     new_tokens, new_lengths = jax.device_get((out.tokens, out.lengths))
     return [row[:n].tolist() for row, n in zip(new_tokens, new_lengths)]
 
