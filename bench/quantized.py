@@ -1,4 +1,5 @@
-"""Weight-only quantised inference of a trained model (`lm.quantize`): float32 against int8, int4 and NF4 weights.
+"""Quantised inference of a trained model (`lm.quantize`): float32 against int8, int4 and NF4 weights and w8a8
+(int8 weights and activations), the last also with the output head quantised.
 
   python bench/quantized.py --run=RUN_OR_HF_DIR [--text=data/text/en.txt] [--batch=8] [--new=64]
 
@@ -25,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lm  # noqa: E402
 from lm.losses import token_log_probs  # noqa: E402
 
-FORMATS = ("float32", "int8", "int4", "nf4")
+FORMATS = ("float32", "int8", "int4", "nf4", "w8a8", "w8a8+head")  # "+head": the output head quantised too
 
 
 def _paragraphs(path: str, tok, n: int, width: int) -> np.ndarray:
@@ -72,7 +73,9 @@ def main():
     print("| weights | bytes (MiB) | perplexity | greedy tokens equal | rows equal | decode tokens/s |")
     print("| --- | --- | --- | --- | --- | --- |")
     for fmt in FORMATS:
-        qcfg, qparams = (cfg, params) if fmt == "float32" else lm.quantize(cfg, params, fmt, a.block)
+        name, _, head = fmt.partition("+")
+        qcfg, qparams = (cfg, params) if fmt == "float32" else lm.quantize(cfg, params, name, a.block,
+                                                                           head=head == "head")
         ppl = _perplexity(qcfg, qparams, text)
         out = lm.generate(qcfg, qparams, prompts, a.new)  # also the warm-up (compilation)
         times = []

@@ -7,7 +7,7 @@ responses per prompt from the SFT model, ranked by the labeler) -> reward -> ppo
 `reward`, `ppo` and `dpo` sections are those stages' own configs (configs/<stage>.py) with the pipeline's
 choices applied, each method's a copy of `ppo` running its algorithm; the pipeline fills in their data paths
 and `init_from` links.
-Presets: `tiny` (the CPU demo, 9.5 minutes on an idle 2-core machine here; up to ~1.5x that on others).
+Presets: `tiny` (the CPU demo, 8.3 minutes on one device of an idle 2-core machine here; up to ~1.5x that on others).
 """
 import ml_collections as mlc
 
