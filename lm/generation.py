@@ -6,10 +6,9 @@ in `jax.jit` with its own shardings. Prompts are right-padded `[B, P]` with per-
 loop is one `lax.while_loop` (no Python loop and no host sync per token) that stops when every row has
 emitted `eos_id` or `max_new_tokens` tokens.
 
-On CPU the decode loop reads per-layer copies of the block weights, with q/k/v and a gated MLP's wi/wg joined
-into one matmul each, and per-layer cache arrays (`unstack=None` picks this by backend): XLA:CPU copies a
-layer's slice out of a stacked array before each matmul, at every step, and a small matmul's call costs more
-than its weights, while GPU and TPU read such slices in place (and the stack costs no second copy of the
+On CPU the decode loop reads per-layer copies of the block weights and per-layer cache arrays
+(`unstack=None` picks this by backend): XLA:CPU copies a layer's slice out of a stacked array before each
+matmul, at every step, while GPU and TPU read such slices in place (and the stack costs no second copy of the
 weights there).
 
 Log-prob convention (PPO): `logprobs[b, t]` is the log-probability of the sampled token under the
