@@ -55,8 +55,7 @@ class Dense(nn.Module):
 
     def _quantised(self) -> bool:
         cfg = self.cfg
-        layer = self.name in QUANT_TARGETS or self.name in JOINED_NAMES
-        return cfg.quant != "none" and (layer or (self.name == "lm_head" and cfg.quant_head))
+        return cfg.quant != "none" and (self.name in QUANT_TARGETS or (self.name == "lm_head" and cfg.quant_head))
 
     def _codes(self, shape):
         """The stored `(codes, scale)` of a quantised kernel of `shape`."""
@@ -103,9 +102,6 @@ class Dense(nn.Module):
             y = y + bias.astype(dt)
         return y
 
-
-# Projections `fuse_projections` joins for decoding, and what they join.
-JOINED_NAMES = ("qkv", "wi_wg")
 
 # PEFT's LoRA A init: kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 # (Default axes: fan_in is the product of every axis but the last, the rank.)
@@ -171,24 +167,16 @@ def default_positions(cfg: ModelConfig, batch: int, length: int, offset=None, pr
 
 class Attention(nn.Module):
     """Multi-head attention with GQA, RoPE/ALiBi, prefix-LM, packed-sequence and sliding-window masks, logit
-    soft-capping, q/k norms and a KV cache. `window` is this layer's sliding window (int32 scalar) or None.
-    `fused` names the joined projections the parameters hold (`fuse_projections`; decoding only): with "qkv",
-    q, k and v are one projection."""
+    soft-capping, q/k norms and a KV cache. `window` is this layer's sliding window (int32 scalar) or None."""
     cfg: ModelConfig
-    fused: tuple = ()
 
     @nn.compact
     def __call__(self, x, ctx, layer_cache: Optional[Cache], window=None):
         cfg = self.cfg
         hq, hkv, d = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
-        if "qkv" in self.fused:
-            qkv = _dense(cfg, (hq + 2 * hkv) * d, ("embed", None), cfg.qkv_bias, "qkv")(x)
-            q, k, v = jnp.split(qkv, [hq * d, (hq + hkv) * d], axis=-1)
-            q, k, v = (t.reshape(t.shape[:-1] + (n, d)) for t, n in ((q, hq), (k, hkv), (v, hkv)))
-        else:
-            q = _dense(cfg, (hq, d), ("embed", "heads", "head_dim"), cfg.qkv_bias, "q")(x)
-            k = _dense(cfg, (hkv, d), ("embed", "kv_heads", "head_dim"), cfg.qkv_bias, "k")(x)
-            v = _dense(cfg, (hkv, d), ("embed", "kv_heads", "head_dim"), cfg.qkv_bias, "v")(x)
+        q = _dense(cfg, (hq, d), ("embed", "heads", "head_dim"), cfg.qkv_bias, "q")(x)
+        k = _dense(cfg, (hkv, d), ("embed", "kv_heads", "head_dim"), cfg.qkv_bias, "k")(x)
+        v = _dense(cfg, (hkv, d), ("embed", "kv_heads", "head_dim"), cfg.qkv_bias, "v")(x)
         if cfg.qk_norm:
             q = make_norm(cfg, "q_norm", ("head_dim",))(q).astype(cfg.compute_dtype)
             k = make_norm(cfg, "k_norm", ("head_dim",))(k).astype(cfg.compute_dtype)
@@ -253,10 +241,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU / GeGLU (gated) or plain GELU / ReLU feed-forward. With "wi_wg" in `fused`, a gated MLP's wi and
-    wg are one projection (`fuse_projections`; decoding only)."""
+    """SwiGLU / GeGLU (gated) or plain GELU / ReLU feed-forward."""
     cfg: ModelConfig
-    fused: tuple = ()
 
     @nn.compact
     def __call__(self, x):
@@ -267,15 +253,12 @@ class MLP(nn.Module):
             act = nn.relu
         else:
             act = lambda h: nn.gelu(h, approximate=cfg.gelu_approximate)  # noqa: E731
-        if "wi_wg" in self.fused:
-            h, gate = jnp.split(_dense(cfg, 2 * cfg.d_ff, ("embed", "mlp"), cfg.mlp_bias, "wi_wg")(x), 2, axis=-1)
-            h = act(gate) * h
-        elif cfg.mlp in ("swiglu", "geglu"):
-            h = _dense(cfg, cfg.d_ff, ("embed", "mlp"), cfg.mlp_bias, "wi")(x)
+        h = _dense(cfg, cfg.d_ff, ("embed", "mlp"), cfg.mlp_bias, "wi")(x)
+        if cfg.mlp in ("swiglu", "geglu"):
             gate = _dense(cfg, cfg.d_ff, ("embed", "mlp"), cfg.mlp_bias, "wg")(x)
             h = act(gate) * h
         else:
-            h = act(_dense(cfg, cfg.d_ff, ("embed", "mlp"), cfg.mlp_bias, "wi")(x))
+            h = act(h)
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
         return _dense(cfg, cfg.d_model, ("mlp", "embed"), cfg.mlp_bias, "wo")(h)
 
@@ -283,10 +266,8 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Attention + MLP sub-layers with pre-norm, DeepNorm or parallel residuals (optionally sandwiched by
     post-norms); scanned over layers. `layer` holds this layer's slice of the scanned inputs: its KV cache
-    ("cache", prefill) and sliding window ("window"), each None or missing when absent. `fused`: the projections
-    `fuse_projections` joined in this layer's parameters (decoding only)."""
+    ("cache", prefill) and sliding window ("window"), each None or missing when absent."""
     cfg: ModelConfig
-    fused: tuple = ()
 
     @nn.compact
     def __call__(self, x, layer: Optional[dict], ctx):
@@ -298,16 +279,15 @@ class Block(nn.Module):
             return make_norm(cfg, name)(y).astype(dt) if cfg.post_norms else y
 
         h = make_norm(cfg, "attn_norm")(x).astype(dt)
-        attn, new_cache = Attention(cfg, self.fused, name="attn")(h, ctx, layer.get("cache"), layer.get("window"))
+        attn, new_cache = Attention(cfg, name="attn")(h, ctx, layer.get("cache"), layer.get("window"))
         attn = post("attn_post_norm", attn)
         if cfg.residual == "parallel":  # GPT-NeoX: both sub-layers read the block's input
-            mlp = MLP(cfg, self.fused, name="mlp")(make_norm(cfg, "mlp_norm")(x).astype(dt))
+            mlp = MLP(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x).astype(dt))
             x = x + attn + mlp
         else:
             x = (h * cfg.alpha if cfg.residual == "deepnorm" else x) + attn
             h = make_norm(cfg, "mlp_norm")(x).astype(dt)
-            x = (h * cfg.alpha if cfg.residual == "deepnorm" else x) + post("mlp_post_norm",
-                                                                            MLP(cfg, self.fused, name="mlp")(h))
+            x = (h * cfg.alpha if cfg.residual == "deepnorm" else x) + post("mlp_post_norm", MLP(cfg, name="mlp")(h))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return x, new_cache
 
@@ -419,9 +399,7 @@ class Transformer(nn.Module):
             for i in range(cfg.n_layers):
                 layer = {"cache": {"k": cache["k"][i], "v": cache["v"][i]},
                          "window": None if windows is None else windows[i]}
-                own = self.variables.get("params", {}).get(f"{UNSTACKED}{i}", {})
-                fused = tuple(name for part, (name, _) in _JOINED.items() if name in own.get(part, {}))
-                x, c = Block(cfg, fused, name=f"{UNSTACKED}{i}")(x, layer, ctx)
+                x, c = Block(cfg, name=f"{UNSTACKED}{i}")(x, layer, ctx)
                 ks.append(c["k"])
                 vs.append(c["v"])
             new_cache = {"k": tuple(ks), "v": tuple(vs)}
@@ -474,36 +452,11 @@ UNSTACKED = "layer_"  # parameter scope of layer i in unstacked parameters: f"la
 
 def unstack_layers(params) -> dict:
     """Parameters with the scanned block stack `layers` (every leaf `[L, ...]`) split into `layer_0` ...
-    `layer_{L-1}`, each with its projections joined (`fuse_projections`): what a decode step with an unstacked
-    cache reads. A copy of the block weights."""
+    `layer_{L-1}`: what a decode step with an unstacked cache reads. A copy of the block weights."""
     stack = params["layers"]
     n = jax.tree.leaves(stack)[0].shape[0]
     out = {k: v for k, v in params.items() if k != "layers"}
-    out.update({f"{UNSTACKED}{i}": fuse_projections(jax.tree.map(lambda a, i=i: a[i], stack)) for i in range(n)})
-    return out
-
-
-_JOINED = {"attn": ("qkv", ("q", "k", "v")), "mlp": ("wi_wg", ("wi", "wg"))}
-
-
-def fuse_projections(layer: dict) -> dict:
-    """One layer's parameters with q, k, v joined into `qkv` and a gated MLP's wi, wg into `wi_wg` (kernels,
-    scales and biases concatenated along their output features), so a decode step runs two matmuls where it ran
-    five: at batch 8 a CPU spends more on each matmul call than on its weights. Projections with LoRA adapters
-    stay apart (their adapters do not concatenate into one low-rank pair)."""
-    out = dict(layer)
-    for part, (joined, names) in _JOINED.items():
-        group = layer.get(part, {})
-        if not all(n in group for n in names) or any(set(group[n]) - {"kernel", "kernel_scale", "bias"}
-                                                     for n in names):
-            continue
-        fused = {}
-        for leaf in group[names[0]]:
-            # Kernels and scales are [*inputs, *features] with one input axis here except `o`'s, never joined:
-            # flatten the features, concatenate them.
-            fused[leaf] = jnp.concatenate([group[n][leaf].reshape(group[n][leaf].shape[:1 if leaf != "bias" else 0]
-                                                                  + (-1,)) for n in names], axis=-1)
-        out[part] = {k: v for k, v in group.items() if k not in names} | {joined: fused}
+    out.update({f"{UNSTACKED}{i}": jax.tree.map(lambda a, i=i: a[i], stack) for i in range(n)})
     return out
 
 
