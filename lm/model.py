@@ -68,6 +68,13 @@ class Dense(nn.Module):
                            scale_shape, jnp.float32)
         return codes, scale
 
+    def _kernel(self, shape):
+        """The float kernel of `shape`: the parameter itself, or a block-wise quantised one dequantised."""
+        cfg = self.cfg
+        if not self._quantised():
+            return self.param("kernel", _init(cfg, self.names), shape, self.param_dtype or cfg.params_dtype)
+        return quant.dequantize(*self._codes(shape), cfg.quant, self.n_in - 1, cfg.compute_dtype)
+
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
@@ -75,16 +82,11 @@ class Dense(nn.Module):
         shape = x.shape[x.ndim - self.n_in:] + self.features
         lead, k_in = x.shape[:x.ndim - self.n_in], int(np.prod(shape[:self.n_in]))
         x2 = x.astype(dt).reshape(-1, k_in)
-        if not self._quantised():
-            kernel = self.param("kernel", _init(cfg, self.names), shape, self.param_dtype or cfg.params_dtype)
-            y = jnp.dot(x2, kernel.astype(dt).reshape(k_in, -1))
-        elif cfg.quant == quant.W8A8:
+        if cfg.quant == quant.W8A8 and self._quantised():  # integer matmul: no float kernel at all
             codes, scale = self._codes(shape)
             y = quant.matmul_w8a8(x2, codes.reshape(k_in, -1), scale.reshape(-1)).astype(dt)
         else:
-            codes, scale = self._codes(shape)
-            kernel = quant.dequantize(codes, scale, cfg.quant, self.n_in - 1, cfg.compute_dtype)
-            y = jnp.dot(x2, kernel.astype(dt).reshape(k_in, -1))
+            y = jnp.dot(x2, self._kernel(shape).astype(dt).reshape(k_in, -1))
         if self.name in cfg.lora_target_set:
             r = cfg.lora_rank
             a = self.param("lora_a", nn.with_logical_partitioning(_LORA_A_INIT, self.names[:self.n_in] + ("lora",)),
