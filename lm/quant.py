@@ -85,9 +85,7 @@ def quantize(w, fmt: str, block: int, axis: int, n_in: int = 1):
     _check(fmt)
     axis = axis % w.ndim
     if fmt == W8A8:
-        absmax = jnp.max(jnp.abs(jnp.asarray(w, jnp.float32)), axis=_input_axes(axis, n_in), keepdims=True)
-        codes = jnp.round(127.0 * w / jnp.where(absmax > 0, absmax, 1.0))
-        return jnp.clip(codes, -127, 127).astype(jnp.int8), absmax
+        return _absmax_int8(jnp.asarray(w, jnp.float32), _input_axes(axis, n_in))
     b = block_size(w.shape[axis], block)
     x = _blocks(jnp.asarray(w, jnp.float32), b, axis)
     absmax = jnp.max(jnp.abs(x), axis=axis + 1, keepdims=True)
@@ -121,11 +119,16 @@ def dequantize(codes, scale, fmt: str, axis: int, dtype=jnp.float32):
     return x.reshape(codes.shape[:axis] + (x.shape[axis] * b,) + codes.shape[axis + 1:]).astype(dtype)
 
 
+def _absmax_int8(x, axes):
+    """`(round(127 * x / absmax) as int8, absmax)`, the absmax taken over `axes` (kept as size-1 axes)."""
+    absmax = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
+    codes = jnp.round(127.0 * x / jnp.where(absmax > 0, absmax, 1.0))
+    return jnp.clip(codes, -127, 127).astype(jnp.int8), absmax
+
+
 def matmul_w8a8(x, codes, scale):
     """`x [M, K] @ dequantize(codes [K, N], scale [N])` in integers: each row of x rounded to int8 against its
     absmax, an int8 x int8 matmul summed in int32, then both scales applied (float32 `[M, N]`)."""
-    x = x.astype(jnp.float32)
-    row_max = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-    xq = jnp.round(127.0 * x / jnp.where(row_max > 0, row_max, 1.0)).astype(jnp.int8)
+    xq, row_max = _absmax_int8(x.astype(jnp.float32), -1)
     acc = jnp.dot(xq, codes, preferred_element_type=jnp.int32).astype(jnp.float32)
     return acc * (row_max / 127.0) * (scale.astype(jnp.float32) / 127.0)
