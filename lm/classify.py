@@ -49,16 +49,8 @@ def classification_loss(logits, labels):
     """Mean softmax cross-entropy of class logits `[B, N]` against `labels` int `[B]`, over rows with a label
     (`labels >= 0`; -1 marks padding rows). Returns `(loss, metrics)` with `loss`, `accuracy` (the label has the
     largest logit) and `weight` (labelled rows, so micro-batches and evaluation batches average exactly)."""
-    logits = logits.astype(jnp.float32)
-    present = labels >= 0
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.where(present, labels, 0)[:, None], axis=1)[:, 0]
-    w = present.astype(jnp.float32)
-    weight = w.sum()
-    denom = jnp.maximum(weight, 1.0)
-    loss = (nll * w).sum() / denom
-    accuracy = ((jnp.argmax(logits, axis=-1) == labels) * w).sum() / denom
-    return loss, {"loss": loss, "accuracy": accuracy, "weight": weight}
+    present = labels >= 0  # lm.losses.lm_loss over one position per row, the label its target
+    return lm_loss(logits[:, None, :], jnp.where(present, labels, 0)[:, None], present[:, None])
 
 
 def class_logits(cfg: ModelConfig, params, batch, rng=None, head: str = "scalar"):

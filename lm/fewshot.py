@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm.generation import bucket_length
-from lm.losses import model_kwargs, token_log_probs
+from lm.losses import lm_loss_fn, token_log_probs
 from lm.model import Transformer
 
 
@@ -155,9 +155,9 @@ def multiple_choice(cfg, params, tok, prompts: Sequence[str], examples: Sequence
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _nll_sum(cfg, params, batch):
-    logits = Transformer(cfg).apply({"params": params}, batch["inputs"], **model_kwargs(batch, cfg))
-    mask = batch["loss_mask"].astype(jnp.float32)
-    return -(token_log_probs(logits, batch["targets"]) * mask).sum(), mask.sum()
+    """`(summed next-token NLL, counted tokens)` of a batch: the pretraining loss, times its weight."""
+    loss, metrics = lm_loss_fn(Transformer(cfg))(params, batch, None)
+    return loss * metrics["weight"], metrics["weight"]
 
 
 def perplexity(cfg, params, batches: Iterable[dict]) -> dict:
