@@ -74,7 +74,6 @@ def _tokenizer(vocab: int):
 
 def bench_trl(a):
     import numpy as np
-    import torch
     from datasets import Dataset
     from transformers import (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification)
 
@@ -83,13 +82,7 @@ def bench_trl(a):
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as trl_ppo
 
-    torch.manual_seed(0)
-    if a.single_thread:
-        torch.set_num_threads(1)
-    hf = LlamaConfig(vocab_size=a.vocab, hidden_size=a.d_model, intermediate_size=a.d_ff, num_hidden_layers=a.layers,
-                     num_attention_heads=a.heads, num_key_value_heads=a.heads,
-                     max_position_embeddings=a.prompt_len + a.response_len, rms_norm_eps=1e-6,
-                     tie_word_embeddings=False, pad_token_id=0, eos_token_id=2, bos_token_id=1)
+    hf = rl_timing.hf_config(a, eos_token_id=2, bos_token_id=1)
     policy, ref = LlamaForCausalLM(hf), LlamaForCausalLM(hf)
     ref.load_state_dict(policy.state_dict())
     hf_rm = LlamaConfig(**{**hf.to_dict(), "num_labels": 1})

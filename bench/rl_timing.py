@@ -31,6 +31,21 @@ def model_config(a):
                        max_len=a.prompt_len + a.response_len, scan_unroll=a.scan_unroll)
 
 
+def hf_config(a, **token_ids):
+    """The transformers `LlamaConfig` of `model_config(a)`'s shape (pad id 0, `token_ids` for bos/eos), with torch
+    seeded and, with --single_thread, on one thread: TRL's side of the comparison."""
+    import torch
+    from transformers import LlamaConfig
+
+    torch.manual_seed(0)
+    if a.single_thread:
+        torch.set_num_threads(1)
+    return LlamaConfig(vocab_size=a.vocab, hidden_size=a.d_model, intermediate_size=a.d_ff, num_hidden_layers=a.layers,
+                       num_attention_heads=a.heads, num_key_value_heads=a.heads,
+                       max_position_embeddings=a.prompt_len + a.response_len, rms_norm_eps=1e-6,
+                       tie_word_embeddings=False, pad_token_id=0, **token_ids)
+
+
 def time_ours(steps, state, frozen, prompts, lengths, iters: int):
     """`(total, generation)` seconds of `iters` rollout + learn iterations after a warm-up (compilation)."""
     import jax

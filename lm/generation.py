@@ -209,7 +209,7 @@ def _prefill(cfg: ModelConfig, params, tokens, prefix_len, *, cache_len: int):
     decode layout (`_decode_layout`)."""
     _, cache = Transformer(cfg).apply({"params": params}, tokens, prefix_len=prefix_len,
                                       cache=init_cache(cfg, tokens.shape[0], cache_len))
-    return _decode_layout(params, cache, None)[1]
+    return unstack_cache(cache) if unstacked_by_default() else cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "steps", "temperature", "top_k", "top_p", "eos_id"),
