@@ -32,6 +32,7 @@ from lm.model import Transformer, init_cache, unstack_cache, unstack_layers
 from lm.sampling import apply_temperature, top_k_filter, top_p_filter
 
 MIN_BUCKET = 16
+ARGMAX_BLOCK = 128
 
 
 class SampleOutput(NamedTuple):
@@ -65,12 +66,27 @@ def pad_prompts(prompts: Sequence[Sequence[int]], width: int, pad_id: int = 0):
     return tokens, lengths
 
 
-def _argmax(x):
-    """First index of the maximum along the last axis, as two plain reductions (a variadic argmax
-    reduction is several times slower on CPU, and this runs once per generated token)."""
+def _first_max(x):
+    """First index of the maximum along the last axis, as two plain reductions (a variadic argmax reduction is
+    several times slower on CPU)."""
     top = jnp.max(x, axis=-1, keepdims=True)
     iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
     return jnp.min(jnp.where(x == top, iota, x.shape[-1]), axis=-1)
+
+
+def _argmax(x, block: int = ARGMAX_BLOCK):
+    """`jnp.argmax(x, -1)` of `x: [B, V]` (the first index of the maximum), in two stages: the maximum of each
+    block of `block` entries, then the first maximum within the first block that holds the overall maximum.
+    This runs once per generated token over the whole vocabulary; on CPU it takes less than half the time of one
+    reduction over rows of V (short reductions vectorise where one long one does not)."""
+    b, v = x.shape
+    if v <= block:
+        return _first_max(x)
+    padded = -(-v // block) * block
+    blocks = jnp.pad(x, ((0, 0), (0, padded - v)), constant_values=-jnp.inf).reshape(b, padded // block, block)
+    first = _first_max(jnp.max(blocks, axis=-1))
+    within = jnp.take_along_axis(blocks, first[:, None, None], axis=1)[:, 0]
+    return first * block + _first_max(within)
 
 
 def _log_prob(logits, token):

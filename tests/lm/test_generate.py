@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lm import presets
-from lm.generation import bucket_length, generate, pad_prompts, sample
+from lm.generation import _argmax, bucket_length, generate, pad_prompts, sample
 from lm.model import Transformer, init_cache
 from lm.sampling import apply_temperature, filter_logits, top_k_filter, top_p_filter
 from random_weights import random_params
@@ -52,6 +52,20 @@ def _np_log_softmax(x):
 
 
 # ---------------------------------------------------------------- filters
+
+
+@pytest.mark.parametrize("vocab", [7, 128, 300, 1024])
+def test_two_stage_argmax_is_numpys_first_maximum(vocab):
+    """Blocks of 16 here: vocabularies inside one block, exactly whole blocks and a padded last block; maxima
+    tied within a block, across blocks and in the padded tail, and rows of -inf but one entry."""
+    rng = np.random.default_rng(vocab)
+    x = rng.integers(-4, 5, size=(12, vocab)).astype(np.float32)  # few values: many ties
+    x[1] = -np.inf
+    x[1, vocab - 1] = 0.0
+    x[2, [0, vocab - 1]] = 9.0
+    x[3, -min(vocab, 3):] = 9.0
+    got = np.asarray(_argmax(jnp.asarray(x), block=16))
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
 
 
 @pytest.mark.parametrize("k", [1, 3, 20])
