@@ -3,8 +3,9 @@
 
 `sample` is a pure function of arrays (config and sampling settings are static), so a caller can wrap it
 in `jax.jit` with its own shardings. Prompts are right-padded `[B, P]` with per-row lengths; the decode
-loop is one `lax.while_loop` (no Python loop and no host sync per token) that stops when every row has
-emitted `eos_id` or `max_new_tokens` tokens.
+loop is a `lax.while_loop` (no Python loop and no host sync per token) that stops when every row has
+emitted `eos_id` or `max_new_tokens` tokens. Long replies decode in a few such loops (`phase_ends`) with the
+cache grown between them, so that attention does not read the empty end of the cache from the first token.
 
 On CPU the decode loop reads per-layer copies of the block weights and per-layer cache arrays
 (`unstack=None` picks this by backend): XLA:CPU copies a layer's slice out of a stacked array before each
@@ -33,6 +34,8 @@ from lm.sampling import apply_temperature, top_k_filter, top_p_filter
 
 MIN_BUCKET = 16
 ARGMAX_BLOCK = 128
+DECODE_PHASES = 4  # loops `sample` decodes in by default (pure-JAX attention)
+MIN_PHASE = 32  # fewest tokens a loop decodes
 
 
 class SampleOutput(NamedTuple):
@@ -52,6 +55,16 @@ class SampleOutput(NamedTuple):
 def bucket_length(n: int) -> int:
     """Padded prompt width for a longest prompt of `n` tokens: the next power of two, at least 16."""
     return max(MIN_BUCKET, 1 << max(0, int(n) - 1).bit_length())
+
+
+def phase_ends(n: int, phases: int) -> list[int]:
+    """Where each of `sample`'s decode loops stops, for `n` new tokens in up to `phases` loops of at least
+    `MIN_PHASE` tokens, as equal as integers allow: e.g. 128 tokens in 4 loops end at 32, 64, 96, 128; 48 tokens
+    take one loop."""
+    if phases < 1:
+        raise ValueError(f"sample: phases must be >= 1, got {phases}")
+    loops = max(1, min(phases, n // MIN_PHASE))
+    return [n * i // loops for i in range(1, loops + 1)]
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], width: int, pad_id: int = 0):
@@ -119,11 +132,11 @@ def _decode_layout(params, cache, unstack: Optional[bool]):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id",
-                                             "pad_id", "filtered_logprobs", "unstack", "logprobs"))
+                                             "pad_id", "filtered_logprobs", "unstack", "logprobs", "phases"))
 def sample(cfg: ModelConfig, params, prompt_tokens, prompt_lengths, rng, *, max_new_tokens: int,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: Optional[int] = None,
            pad_id: int = 0, filtered_logprobs: bool = False, unstack: Optional[bool] = None,
-           logprobs: bool = True) -> SampleOutput:
+           logprobs: bool = True, phases: Optional[int] = None) -> SampleOutput:
     """Sample `max_new_tokens` continuations of right-padded prompts with a KV cache.
 
     Args:
@@ -136,10 +149,15 @@ def sample(cfg: ModelConfig, params, prompt_tokens, prompt_lengths, rng, *, max_
       unstack: decode with per-layer weights and cache arrays (None: on CPU only; the tokens are the same).
       logprobs: False leaves `SampleOutput.logprobs` zero and skips computing them (a log-sum-exp over the
         vocabulary per token), for callers that only want the tokens (`generate`).
+      phases: decode in up to this many loops of at least `MIN_PHASE` tokens each, the cache growing between
+        them (`phase_ends`), so attention reads the slots filled so far rounded up to the loop's end rather than
+        the whole `P + N` from the first token; each loop is one more compiled body. None: `DECODE_PHASES` with
+        the pure-JAX attention (`cfg.attention_impl == "xla"`), which reads every slot it is given; 1 with the
+        Pallas decode kernel, which reads only up to each row's length. The tokens do not depend on it.
 
-    The prompt is prefilled into a cache of length `P + N`; for `cfg.mask == "prefix"` (GLM) it is the
-    bidirectional prefix (`prefix_len = prompt_lengths`) and positions follow `default_positions`. The decode
-    loop then feeds one token per row at that row's own position, starting by re-feeding the last prompt
+    The prompt is prefilled into a cache of length `P + N` (reached in phases); for `cfg.mask == "prefix"` (GLM)
+    it is the bidirectional prefix (`prefix_len = prompt_lengths`) and positions follow `default_positions`. The
+    decode loop then feeds one token per row at that row's own position, starting by re-feeding the last prompt
     token (at `prompt_lengths - 1`) so every new token comes from the same single-token step.
     """
     b, p = prompt_tokens.shape
@@ -159,9 +177,11 @@ def sample(cfg: ModelConfig, params, prompt_tokens, prompt_lengths, rng, *, max_
     lengths = prompt_lengths.astype(jnp.int32)
     prefix_len = lengths if cfg.mask == "prefix" else None
 
+    ends = phase_ends(n, phases if phases is not None else DECODE_PHASES if cfg.attention_impl == "xla" else 1)
+
     # Prefill; its logits are unused (and so never computed under jit): the loop re-feeds the last token.
     _, cache = model.apply(variables, prompt_tokens.astype(jnp.int32), prefix_len=prefix_len,
-                           cache=init_cache(cfg, b, p + n))
+                           cache=init_cache(cfg, b, p + ends[0]))
     decode_params, cache = _decode_layout(params, cache, unstack)
 
     def body(state):
@@ -179,14 +199,16 @@ def sample(cfg: ModelConfig, params, prompt_tokens, prompt_lengths, rng, *, max_
             done = done | (new == eos_id)
         return t + 1, new, cache, done, out_tokens, out_logprobs, out_mask
 
-    def cond(state):
-        t, done = state[0], state[3]
-        return (t < n) & ~jnp.all(done)
-
     last = jnp.take_along_axis(prompt_tokens.astype(jnp.int32), (lengths - 1)[:, None], axis=1)[:, 0]
     state = (jnp.int32(0), last, cache, jnp.zeros((b,), bool), jnp.full((b, n), pad_id, jnp.int32),
              jnp.zeros((b, n), jnp.float32), jnp.zeros((b, n), jnp.float32))
-    _, _, _, _, tokens, logprobs, mask = jax.lax.while_loop(cond, body, state)
+    for i, end in enumerate(ends):
+        if i:  # step t writes slot lengths - 1 + t < P + t: slots up to P + end serve the steps before `end`
+            more = end - ends[i - 1]
+            cache = jax.tree.map(lambda c: jnp.pad(c, [(0, 0)] * (c.ndim - 2) + [(0, more), (0, 0)]), state[2])
+            state = state[:2] + (cache,) + state[3:]
+        state = jax.lax.while_loop(lambda s, end=end: (s[0] < end) & ~jnp.all(s[3]), body, state)
+    _, _, _, _, tokens, logprobs, mask = state
     return SampleOutput(tokens, logprobs, mask, jnp.sum(mask, axis=-1).astype(jnp.int32))
 
 
@@ -253,7 +275,8 @@ def stream(cfg: ModelConfig, params, prompt: Sequence[int], *, max_new_tokens: i
     """Yield the reply to `prompt` (token ids) in pieces of up to `chunk` token ids; eos ends it (not yielded).
 
     The same tokens as `sample` with the same `rng` (greedy or sampled): the prompt is right-padded to a
-    power-of-two width (few prefill compilations) in a cache of `cfg.max_len`, and decoding restarts from
+    power-of-two width (few prefill compilations) in a cache of the power of two that holds the prompt and the
+    reply (at most `cfg.max_len`; attention reads every slot of it at every token), and decoding restarts from
     the last prompt token; each device call decodes `chunk` tokens with one `lax.scan`.
     """
     n = len(prompt)
@@ -265,7 +288,7 @@ def stream(cfg: ModelConfig, params, prompt: Sequence[int], *, max_new_tokens: i
     width = min(bucket_length(n), limit)
     tokens, _ = pad_prompts([prompt], width)
     prefix_len = jnp.asarray([n], jnp.int32) if cfg.mask == "prefix" else None
-    cache = _prefill(cfg, params, jnp.asarray(tokens), prefix_len, cache_len=limit)
+    cache = _prefill(cfg, params, jnp.asarray(tokens), prefix_len, cache_len=min(limit, bucket_length(n + room)))
     params = unstack_layers(params) if unstacked_by_default() else params  # as `_prefill` left the cache
     token, index = jnp.asarray([prompt[-1]], jnp.int32), jnp.asarray([n - 1], jnp.int32)
     left = max_new_tokens

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from lm import presets
-from lm.generation import _argmax, bucket_length, generate, pad_prompts, sample
+from lm import generation
+from lm.generation import _argmax, bucket_length, generate, pad_prompts, phase_ends, sample
 from lm.model import Transformer, init_cache
 from lm.sampling import apply_temperature, filter_logits, top_k_filter, top_p_filter
 from random_weights import random_params
@@ -244,6 +245,40 @@ def test_unstacked_decode_layout_samples_what_the_stacked_one_does(name):
     unstacked = sample(cfg, params, tokens, lengths, jax.random.key(2), unstack=True, **kw)
     np.testing.assert_array_equal(unstacked.tokens, stacked.tokens)
     np.testing.assert_allclose(unstacked.logprobs, stacked.logprobs, atol=1e-5, rtol=0)
+
+
+def test_phase_ends_split_the_reply_into_equal_loops_of_at_least_min_phase():
+    for n in range(1, 300):
+        for phases in (1, 2, 4, 7):
+            ends = phase_ends(n, phases)
+            spans = np.diff([0] + ends)
+            assert ends[-1] == n and (spans > 0).all() and len(ends) <= phases
+            assert len(ends) == 1 or (spans >= generation.MIN_PHASE).all() and spans.max() - spans.min() <= 1
+    assert phase_ends(128, 4) == [32, 64, 96, 128] and phase_ends(63, 4) == [63]
+    with pytest.raises(ValueError, match="phases must be >= 1"):
+        phase_ends(8, 0)
+
+
+@pytest.mark.parametrize("name,unstack", [("mistral-tiny", True), ("glm-tiny", False)])
+def test_decoding_in_phases_samples_what_one_loop_does(name, unstack, monkeypatch):
+    """A cache grown between three loops of two tokens against one loop over the whole cache: the same tokens,
+    log-probs and eos stops, through a sliding window shorter than the reply and GLM's prefix and 2D RoPE, in
+    both decode layouts."""
+    monkeypatch.setattr(generation, "MIN_PHASE", 2)
+    assert phase_ends(N_NEW, 3) == [2, 4, 6]
+    cfg, params = _model(name)
+    free = generate(cfg, params, PROMPTS, N_NEW, temperature=1.0, seed=0)  # greedy repeats itself here
+    # eos: a token some row first draws third or fourth, so that row stops inside the second loop
+    eos = next(row[j] for row in free for j in (2, 3) if row[j] not in row[:j])
+    stops = [row.index(eos) + 1 if eos in row else N_NEW for row in free]
+    tokens, lengths = map(jnp.asarray, pad_prompts(PROMPTS, 16))
+    kw = dict(max_new_tokens=N_NEW, temperature=1.0, eos_id=eos, unstack=unstack)
+    one = sample(cfg, params, tokens, lengths, jax.random.key(0), phases=1, **kw)
+    three = sample(cfg, params, tokens, lengths, jax.random.key(0), phases=3, **kw)
+    np.testing.assert_array_equal(three.tokens, one.tokens)
+    np.testing.assert_array_equal(three.mask, one.mask)
+    np.testing.assert_allclose(three.logprobs, one.logprobs, atol=1e-5, rtol=0)
+    assert one.lengths.tolist() == stops and {3, 4} & set(stops)
 
 
 def test_top_k_one_equals_greedy():
