@@ -298,19 +298,31 @@ def _layout(path: str, meta: dict) -> tuple[dict, str]:
     return {"": meta.get("head", "lm")}, ""
 
 
-_HELD = {"scalar": "a reward model or classifier", "lm+scalar": "a classifier with its language-model head"}
+_HELD = {"scalar": "a reward model or classifier",
+         "lm+scalar": "a reward model or classifier with its language-model head"}
 
 
 def _read_policy(path: str, meta: dict, head: Optional[str], target):
     """The policy's params of a run, each sub-model restored as `target(head)` says; checks `head`."""
     layout, policy = _layout(path, meta)
     held = layout[policy]
-    if head is not None and held != head:
+    if head is not None and held != head and not _scalar_of(head, held):
         raise ValueError(f"{path} holds a model with a {held!r} head, not the {head!r} head asked for "
                          f"({_HELD.get(held, 'a policy')})")
     abstract = target(held) if policy == "" else {k: target(h) for k, h in layout.items()}
     params = checkpoint.load_params(checkpoint_dir(path), abstract)
-    return params if policy == "" else params[policy]
+    params = params if policy == "" else params[policy]
+    return _without_lm_head(params) if _scalar_of(head, held) else params
+
+
+def _scalar_of(head: Optional[str], held: str) -> bool:
+    """Whether the scalar model asked for is the one held without its language-model head: a reward model or
+    classifier trained with an auxiliary LM loss ("lm+scalar") serves as "scalar"."""
+    return head == "scalar" and held == "lm+scalar"
+
+
+def _without_lm_head(params: dict) -> dict:
+    return {k: v for k, v in params.items() if k != "lm_head"}
 
 
 def load_adapted(path: str, *, head: Optional[str] = None, mesh=None, rules=None):
@@ -333,8 +345,8 @@ def _adapted(path: str, meta: dict, head: Optional[str], mesh, rules):
     base_cfg = peft.plain_config(saved).replace(num_labels=1)
     _, base, _ = load(meta["base"], mesh=mesh, rules=rules, head="lm", cfg=base_cfg)
     layout, policy = _layout(path, meta)
-    if layout[policy] == "scalar":
-        base = {k: v for k, v in base.items() if k != "lm_head"}
+    if layout[policy] == "scalar" or _scalar_of(head, layout[policy]):
+        base = _without_lm_head(base)
     return saved, base, read_trainable(path, saved, meta, head, mesh, rules)
 
 
@@ -355,7 +367,8 @@ def load(path: str, *, mesh=None, rules=None, head: Optional[str] = None, cfg: O
     PPO checkpoint holds actor and critic; its metadata names the actor as the policy), the scalar-head
     model of a reward or classification run; a Hugging Face directory's causal LM or `*ForSequenceClassification`
     (reward model or classifier, `cfg.num_labels`; `labels` names the classes). `head` ("lm", "scalar" or
-    "lm+scalar", lm.model.HEADS) is checked against what it holds. `cfg`, when given, must be the same model as
+    "lm+scalar", lm.model.HEADS) is checked against what it holds ("scalar" also takes an "lm+scalar" run, e.g. a reward
+    model trained with an LM loss, without its language-model head). `cfg`, when given, must be the same model as
     the saved one (it may differ in RUNTIME_FIELDS, e.g. param_dtype); the params are loaded in its layout and
     dtype and it is the config returned.
     Params land on `mesh` under `rules` (default lm.sharding.RULES) or, without a mesh, on the first local

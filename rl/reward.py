@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from lm import runs
 from lm.config import ModelConfig
+from lm.losses import lm_loss
 from lm.model import Transformer, dropout_rngs, with_score_head
 
 
@@ -29,14 +30,26 @@ class RewardConfig:
         (`reward_norm.json`), so that `load` gives scores with mean 0 and std 1 on the SFT policy's
         responses, as InstructGPT normalises its reward model before RL.
       normalize_batches: at most this many batches of that pass (a cap for large data); 0 = all of it.
+      lm_coef: weight of a next-token loss on the best-ranked responses added to the ranking loss, which keeps
+        the language-model head and so the trunk's knowledge of the SFT model (the SFT-regularised "generalisable
+        reward model" of Yang et al. 2024, who use 0.01-0.1 of it). The run then trains head "lm+scalar" and
+        `load` gives its scalar model without the LM head. 0 = the plain ranking loss (InstructGPT).
     """
     head_init: str = "normal"
     normalize: bool = True
     normalize_batches: int = 0
+    lm_coef: float = 0.0
 
     def __post_init__(self):
         if self.head_init not in ("normal", "zeros"):
             raise ValueError(f"reward.head_init={self.head_init!r} must be 'normal' or 'zeros'")
+        if not self.lm_coef >= 0:
+            raise ValueError(f"reward.lm_coef={self.lm_coef} must be >= 0")
+
+    @property
+    def head(self) -> str:
+        """The model trained: "scalar", or "lm+scalar" when the loss has the LM term."""
+        return "lm+scalar" if self.lm_coef else "scalar"
 
 
 def ranking_loss(scores, ranks):
@@ -70,51 +83,64 @@ def ranking_loss(scores, ranks):
     return loss, metrics
 
 
-def score_responses(cfg: ModelConfig, params, tokens, last_index, prefix_len=None, rng=None):
+def score_responses(cfg: ModelConfig, params, tokens, last_index, prefix_len=None, rng=None, lm_logits=False):
     """Scores `[B, K]` of K responses per prompt, all in one forward pass of the scalar-head model.
 
     tokens: int `[B, K, T]` (prompt + response, right-padded); last_index: int `[B, K]`, position of each
     response's last non-pad token; prefix_len: optional int `[B, K]` for prefix-LM models (GLM).
     rng: dropout key of a training pass (LoRA dropout); None is deterministic.
+    lm_logits: params of head "lm+scalar"; returns `(scores, logits [B, K, T, V])` of the same pass.
     """
     if tokens.ndim != 3 or last_index.shape != tokens.shape[:2]:
         raise ValueError(f"rl.reward.score_responses: tokens {tuple(tokens.shape)} must be [B, K, T] and "
                          f"last_index {tuple(last_index.shape)} [B, K]")
     b, k, t = tokens.shape
     flat_prefix = None if prefix_len is None else prefix_len.reshape(b * k)
-    values = Transformer(cfg, head="scalar").apply({"params": params}, tokens.reshape(b * k, t),
-                                                   prefix_len=flat_prefix, rngs=dropout_rngs(cfg, rng))  # [B*K, T]
+    out = Transformer(cfg, head="lm+scalar" if lm_logits else "scalar").apply(
+        {"params": params}, tokens.reshape(b * k, t), prefix_len=flat_prefix, rngs=dropout_rngs(cfg, rng))
+    logits, values = out if lm_logits else (None, out)  # values [B*K, T]
     idx = last_index.reshape(b * k, 1).astype(jnp.int32)
-    return jnp.take_along_axis(values, idx, axis=1).reshape(b, k)
+    scores = jnp.take_along_axis(values, idx, axis=1).reshape(b, k)
+    return (scores, logits.reshape(b, k, t, -1)) if lm_logits else scores
 
 
-def reward_loss_fn(cfg: ModelConfig):
+def reward_loss_fn(cfg: ModelConfig, lm_coef: float = 0.0):
     """`loss_fn(params, batch, rng) -> (loss, metrics)` for the generic train step on preference batches.
 
     batch (lm.data.preference_dataset): `tokens [B, K, T]`, `ranks [B, K]`, `last_index [B, K]`, and
     `prompt_len [B, K]` (the bidirectional prefix of prefix-LM models). `metrics["weight"]` is the number of
     prompts with at least one untied pair, so accumulated micro-batches average exactly as one batch.
+    lm_coef > 0 (`RewardConfig.lm_coef`; params of head "lm+scalar") adds that times the next-token loss on the
+    responses ranked best (`targets`, `loss_mask` of the batch; a tie for best counts each), reported as
+    `lm_loss` beside the ranking loss `rank_loss`.
     """
     def loss_fn(params, batch, rng):
-        scores = score_responses(cfg, params, batch["tokens"], batch["last_index"], batch.get("prompt_len"), rng)
+        out = score_responses(cfg, params, batch["tokens"], batch["last_index"], batch.get("prompt_len"), rng,
+                              lm_logits=bool(lm_coef))
+        scores = out[0] if lm_coef else out
         loss, metrics = ranking_loss(scores, batch["ranks"])
         present = batch["ranks"] >= 0
         metrics["score_mean"] = (scores * present).sum() / jnp.maximum(present.sum(), 1)
+        if lm_coef:
+            best = (batch["ranks"] == 0)[..., None]
+            lm, _ = lm_loss(out[1], batch["targets"], batch["loss_mask"] * best)
+            metrics.update(rank_loss=loss, lm_loss=lm)
+            loss = loss + lm_coef * lm
         metrics["loss"] = loss
         metrics["weight"] = metrics["prompts"]
         return loss, metrics
     return loss_fn
 
 
-def init_from_sft(cfg: ModelConfig, sft_params, rng, head_init: str = "normal"):
+def init_from_sft(cfg: ModelConfig, sft_params, rng, head_init: str = "normal", head: str = "scalar"):
     """Scalar-head parameters whose trunk is a copy of `sft_params` and whose `score` head is new
-    (lm.model.with_score_head; the language-model head `lm_head` is dropped).
+    (lm.model.with_score_head; the language-model head `lm_head` is dropped, or kept with head "lm+scalar").
 
     head_init: "normal" (the model's initialiser, for a reward model) or "zeros" (a critic that starts at 0).
     """
     if head_init not in ("normal", "zeros"):
         raise ValueError(f"rl.reward.init_from_sft: head_init must be 'normal' or 'zeros', got {head_init!r}")
-    return with_score_head(cfg, sft_params, rng, zeros=head_init == "zeros")
+    return with_score_head(cfg, sft_params, rng, head, zeros=head_init == "zeros")
 
 
 def normalize_head(params, mean, std, eps: float = 1e-6):

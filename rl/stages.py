@@ -64,29 +64,30 @@ def score_statistics(cfg, params, batches: Iterable, num_batches: int, mesh, rul
 def reward(config, workdir: str) -> str:
     """Train a reward model from the SFT run on ranked responses (InstructGPT's K-wise ranking loss).
 
-    The trunk is copied from the SFT run and a new scalar head added (`reward.head_init`). With
+    The trunk is copied from the SFT run and a new scalar head added (`reward.head_init`); with `reward.lm_coef`
+    the LM head stays and trains on the best-ranked responses beside the ranking loss. With
     `reward.normalize`, every training response is scored at the end and the statistics saved
     (`reward_norm.json`), so `rl.reward.load` gives scores with mean 0 and std 1 on the SFT policy's responses.
     """
     hp = runs.recipe(reward_lib.RewardConfig, config.reward, "reward")
     model_cfg, sft_params, tok = runs.start(config, workdir, needs="(SFT) the reward model starts from")
     mesh, rules = loop.mesh_and_rules(config)
-    model_cfg, frozen = runs.adapt(config, model_cfg, sft_params, "scalar", mesh, rules)
+    model_cfg, frozen = runs.adapt(config, model_cfg, sft_params, hp.head, mesh, rules)
 
     def init_params(abstract):
         sft = sft_params(abstract_params(model_cfg, "lm", mesh, rules))
-        params = reward_lib.init_from_sft(model_cfg, sft, jax.random.PRNGKey(config.seed), hp.head_init)
+        params = reward_lib.init_from_sft(model_cfg, sft, jax.random.PRNGKey(config.seed), hp.head_init, hp.head)
         return jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), params, abstract)
 
     d = config.data
     kw = dict(runs.data_kwargs(config), k=d.k, overlong=d.overlong, field_map=d.field_map)
     eval_data = data.preference_dataset(d.path, tok, split="eval", **kw) if config.train.eval_every else None
     # With adapters, init_params is not used: the score head is a fresh `normal` one beside fresh adapters.
-    state = loop.fit(config, workdir, loss_fn=reward_lib.reward_loss_fn(model_cfg),
-                     build_params=lambda rng: peft.boxed_trainable(model_cfg, rng, head="scalar"),
+    state = loop.fit(config, workdir, loss_fn=reward_lib.reward_loss_fn(model_cfg, hp.lm_coef),
+                     build_params=lambda rng: peft.boxed_trainable(model_cfg, rng, head=hp.head),
                      train_data=data.preference_dataset(d.path, tok, split="train", **kw), eval_data=eval_data,
                      init_params=init_params if frozen is None else None, frozen=frozen,
-                     meta=runs.run_meta(config, model_cfg, "reward", head="scalar"))
+                     meta=runs.run_meta(config, model_cfg, "reward", head=hp.head))
     if hp.normalize:
         # One pass over the training split, as the trainer tokenises it (each response once).
         rows = len(builders.data_source("preference", d.path, "train", cache_dir=d.cache_dir or None,
@@ -97,6 +98,7 @@ def reward(config, workdir: str) -> str:
             num_batches = min(num_batches, hp.normalize_batches)
         batches = data.preference_dataset(d.path, tok, split="train", **dict(kw, num_epochs=1))
         params = state.params if frozen is None else peft.merge(frozen.params, state.params)
+        params = {k: v for k, v in params.items() if k != "lm_head"}  # the scalar model (head "lm+scalar")
         mean, std, n = score_statistics(model_cfg, params, batches, num_batches, mesh, rules)
         if distributed.is_primary():
             path = reward_lib.save_normalization(workdir, mean, std, n)

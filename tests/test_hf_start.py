@@ -87,6 +87,7 @@ def pipeline(tmp_path_factory):
     sft = stages.sft(_config(configs.sft, ckpt, alpaca, 3, cache), str(root / "sft"))
     c = _config(configs.reward, sft, pairs, 3, cache)
     c.data.k, c.train.batch_size, c.reward.normalize_batches = 2, 8, 1
+    c.reward.lm_coef = 0.1  # the LM head trains too ("lm+scalar"); PPO and the export read the scalar model
     rm = rl_stages.reward(c, str(root / "reward"))
     c = _config(configs.ppo, sft, pairs, 2, cache)
     c.reward_from, c.train.batch_size, c.ppo.response_length, c.ppo.ptx_coef = rm, 8, 8, 0.0
@@ -128,8 +129,10 @@ def test_policy_export_loads_in_transformers(pipeline):
 
 
 def test_reward_export_scores_equally_in_transformers(pipeline):
+    assert runs.load_meta(pipeline["reward"])["head"] == "lm+scalar"  # trained with reward.lm_coef
     out = str(hf.export_run(pipeline["reward"], str(pipeline["root"] / "export_rm")))
     cfg, params = reward_lib.load(pipeline["reward"], normalize=False)
+    assert "lm_head" not in params
     tok = lm.tokenizer.load(pipeline["reward"])
     model = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
     prompt = [{"role": "user", "content": "What is the capital of France?"}]

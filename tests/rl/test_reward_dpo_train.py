@@ -4,6 +4,7 @@ import grain
 import jax
 import numpy as np
 import optax
+import pytest
 
 from lm import presets, sharding
 from lm.model import Transformer, init_params
@@ -88,6 +89,33 @@ def test_init_from_sft_and_normalisation():
     np.testing.assert_allclose([mean, std], [present.mean(), present.std()], rtol=1e-5)
     normed = score(reward.normalize_head(rm, mean, std), batch["tokens"], batch["last_index"])
     assert abs(float(normed.mean())) < 0.2 and abs(float(normed.std()) - 1.0) < 0.2
+
+
+def test_lm_regularised_reward_loss_adds_the_next_token_loss_of_the_best_responses():
+    """RewardConfig.lm_coef: the ranking loss of the scalar model plus coef x the mean next-token loss over the
+    responses ranked best (both of a tie for best), against a plain LM forward and a NumPy cross-entropy."""
+    sft = jax.jit(lambda r: init_params(CFG, r))(jax.random.key(0))
+    hp = reward.RewardConfig(lm_coef=0.3)
+    params = reward.init_from_sft(CFG, sft, jax.random.key(1), head=hp.head)
+    np.testing.assert_array_equal(params["lm_head"]["kernel"], sft["lm_head"]["kernel"])
+    batch = _toy_batch(np.random.default_rng(2))
+    loss, m = jax.jit(reward.reward_loss_fn(CFG, hp.lm_coef))(params, batch, None)
+    scalar = {k: v for k, v in params.items() if k != "lm_head"}
+    plain, _ = reward.reward_loss_fn(CFG)(scalar, batch, None)
+    logits = np.asarray(Transformer(CFG).apply({"params": {k: v for k, v in params.items() if k != "score"}},
+                                               batch["tokens"].reshape(B * K, T)), np.float64).reshape(B, K, T, -1)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    nll = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+    mask = batch["loss_mask"] * (batch["ranks"] == 0)[..., None]
+    assert {1, 2} == set((batch["ranks"] == 0).sum(1))  # some prompts tie for best
+    want_lm = (nll * mask).sum() / mask.sum()
+    np.testing.assert_allclose(float(m["lm_loss"]), want_lm, rtol=1e-5)
+    np.testing.assert_allclose(float(m["rank_loss"]), float(plain), rtol=1e-6)
+    np.testing.assert_allclose(float(loss), float(plain) + 0.3 * want_lm, rtol=1e-5)
+    assert reward.RewardConfig().head == "scalar"
+    with pytest.raises(ValueError, match="lm_coef"):
+        reward.RewardConfig(lm_coef=-0.1)
 
 
 def test_dpo_steps_against_frozen_reference():
