@@ -99,11 +99,16 @@ def test_lm_regularised_reward_loss_adds_the_next_token_loss_of_the_best_respons
     params = reward.init_from_sft(CFG, sft, jax.random.key(1), head=hp.head)
     np.testing.assert_array_equal(params["lm_head"]["kernel"], sft["lm_head"]["kernel"])
     batch = _toy_batch(np.random.default_rng(2))
-    loss, m = jax.jit(reward.reward_loss_fn(CFG, hp.lm_coef))(params, batch, None)
-    scalar = {k: v for k, v in params.items() if k != "lm_head"}
-    plain, _ = reward.reward_loss_fn(CFG)(scalar, batch, None)
-    logits = np.asarray(Transformer(CFG).apply({"params": {k: v for k, v in params.items() if k != "score"}},
-                                               batch["tokens"].reshape(B * K, T)), np.float64).reshape(B, K, T, -1)
+
+    @jax.jit
+    def losses_and_lm_logits(params, batch):  # one compilation for the three
+        without = lambda name: {k: v for k, v in params.items() if k != name}  # noqa: E731
+        plain, _ = reward.reward_loss_fn(CFG)(without("lm_head"), batch, None)
+        logits = Transformer(CFG).apply({"params": without("score")}, batch["tokens"].reshape(B * K, T))
+        return reward.reward_loss_fn(CFG, hp.lm_coef)(params, batch, None), plain, logits
+
+    (loss, m), plain, logits = losses_and_lm_logits(params, batch)
+    logits = np.asarray(logits, np.float64).reshape(B, K, T, -1)
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
     nll = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
