@@ -495,6 +495,12 @@ def abstract_params(cfg: ModelConfig, head: str = "lm", mesh=None, rules=None):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)
 
 
+def scalar_params(params: dict) -> dict:
+    """The params of `Transformer(cfg, head="scalar")` within those of an "lm" or "lm+scalar" model: all but
+    the language-model head `lm_head` (a scalar model reads the trunk and its `score` head only)."""
+    return {k: v for k, v in params.items() if k != "lm_head"}
+
+
 def with_score_head(cfg: ModelConfig, lm_params, rng, head: str = "scalar", zeros: bool = False):
     """Parameters of `Transformer(cfg, head)` (head "scalar" or "lm+scalar") whose trunk is a copy of `lm_params`
     (a language model's) and whose `score` head is new: kernel `[d_model, cfg.num_labels]` drawn N(0, init_std),

@@ -179,12 +179,12 @@ def frozen_base(cfg: ModelConfig, load: Callable, head: str, mesh, rules=None) -
     `score` head is trainable), an "lm+scalar" one the language-model head too; with `cfg.quant` the layer
     projections are quantised on the devices, shard by shard.
     """
-    from lm.model import abstract_params
+    from lm.model import abstract_params, scalar_params
 
     rules = sharding.RULES if rules is None else rules
     params = load(abstract_params(plain_config(cfg), "lm", mesh, rules))
     if head == "scalar":
-        params = {k: v for k, v in params.items() if k != "lm_head"}
+        params = scalar_params(params)
     shardings = jax.tree.map(lambda a: a.sharding, abstract_base(cfg, head, mesh, rules))
     with jax.set_mesh(mesh):
         base = jax.jit(functools.partial(quantize_base, cfg), out_shardings=shardings)(params)

@@ -23,7 +23,7 @@ from absl import logging
 
 from lm import checkpoint, distributed, peft, presets, sharding, tokenizers
 from lm.config import ModelConfig
-from lm.model import abstract_params
+from lm.model import abstract_params, scalar_params
 from lm.tokenizer import Tokenizer
 
 TOKENIZER = tokenizers.SP_MODEL  # a run's own (project) tokenizer
@@ -312,17 +312,13 @@ def _read_policy(path: str, meta: dict, head: Optional[str], target):
     abstract = target(held) if policy == "" else {k: target(h) for k, h in layout.items()}
     params = checkpoint.load_params(checkpoint_dir(path), abstract)
     params = params if policy == "" else params[policy]
-    return _without_lm_head(params) if _scalar_of(head, held) else params
+    return scalar_params(params) if _scalar_of(head, held) else params
 
 
 def _scalar_of(head: Optional[str], held: str) -> bool:
     """Whether the scalar model asked for is the one held without its language-model head: a reward model or
     classifier trained with an auxiliary LM loss ("lm+scalar") serves as "scalar"."""
     return head == "scalar" and held == "lm+scalar"
-
-
-def _without_lm_head(params: dict) -> dict:
-    return {k: v for k, v in params.items() if k != "lm_head"}
 
 
 def load_adapted(path: str, *, head: Optional[str] = None, mesh=None, rules=None):
@@ -346,7 +342,7 @@ def _adapted(path: str, meta: dict, head: Optional[str], mesh, rules):
     _, base, _ = load(meta["base"], mesh=mesh, rules=rules, head="lm", cfg=base_cfg)
     layout, policy = _layout(path, meta)
     if layout[policy] == "scalar" or _scalar_of(head, layout[policy]):
-        base = _without_lm_head(base)
+        base = scalar_params(base)
     return saved, base, read_trainable(path, saved, meta, head, mesh, rules)
 
 

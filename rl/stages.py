@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from lm import data, distributed, loop, optim, peft, runs, sharding
 from lm.data import builders
 from lm.config import ModelConfig
-from lm.model import abstract_params
+from lm.model import abstract_params, scalar_params
 from rl import dpo as dpo_lib
 from rl import evaluate as rl_evaluate
 from rl import ppo_step as ps
@@ -98,7 +98,7 @@ def reward(config, workdir: str) -> str:
             num_batches = min(num_batches, hp.normalize_batches)
         batches = data.preference_dataset(d.path, tok, split="train", **dict(kw, num_epochs=1))
         params = state.params if frozen is None else peft.merge(frozen.params, state.params)
-        params = {k: v for k, v in params.items() if k != "lm_head"}  # the scalar model (head "lm+scalar")
+        params = scalar_params(params)  # a run with reward.lm_coef trains head "lm+scalar"
         mean, std, n = score_statistics(model_cfg, params, batches, num_batches, mesh, rules)
         if distributed.is_primary():
             path = reward_lib.save_normalization(workdir, mean, std, n)
